@@ -1,0 +1,1 @@
+"""Machinery shared by every model family: mesh, sharding, train state, loop, checkpoints."""
