@@ -33,6 +33,8 @@ class Task:
   finish:      optional (state, workdir) -> None, run once at the end (plots, tables).
   batch_spec:  optional {key: PartitionSpec} for batch entries that are not simply
                split over (data, fsdp) on their leading axis.
+  host_metrics: optional () -> {name: float} read on the host at log steps and
+               written as "train/<name>" (e.g. counts of skipped bad records).
   """
   init: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -41,3 +43,4 @@ class Task:
   finish: Optional[Callable[[TrainState, str], None]] = None
   loss_keys: tuple[str, ...] = ("loss",)
   batch_spec: Optional[Mapping[str, Any]] = None
+  host_metrics: Optional[Callable[[], Mapping[str, float]]] = None

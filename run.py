@@ -1,0 +1,80 @@
+"""Train a model family: python run.py --config=configs/simla.py [--workdir=DIR].
+
+`--config=configs/x.py:arg` selects a variant; `--config.key=value` overrides a key
+(an unknown key is an error naming it). Rerunning the same command resumes from
+the latest checkpoint in the workdir.
+"""
+
+import importlib
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Family name -> module with `make_task(config, mesh) -> train_jax.task.Task`.
+FAMILIES = {
+    "simla": "simla_jax.train",
+    "mvcom": "face_jax.train",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py), optionally ':arg' for a variant.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard logs and plots. "
+    "Default: runs/<config name>[_<arg>]. An existing workdir is resumed.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (auto-detected on Cloud TPU, "
+    "SLURM, or when JAX_COORDINATOR_ADDRESS is set).")
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, arg = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}_{arg}" if arg else name)
+
+
+def family_module(name: str):
+  if name not in FAMILIES:
+    raise app.UsageError(f"config.family={name!r} is not a known family; known: "
+                         f"{', '.join(sorted(FAMILIES))}")
+  return importlib.import_module(FAMILIES[name])
+
+
+def _multihost_env() -> bool:
+  return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                                       "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # after flags: XLA_FLAGS from the environment take effect first
+  if _MULTIHOST.value or _multihost_env():
+    jax.distributed.initialize()
+  from train_jax import loop
+
+  config = _CONFIG.value
+  module = family_module(config.family)
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])
+                                              + _config_arg())
+  logging.info("config:\n%s", config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  loop.train_and_evaluate(config, workdir, module.make_task)
+
+
+def _config_arg() -> str:
+  raw = flags.FLAGS["config"].serialize()  # "--config=path[:arg]"
+  _, _, value = raw.partition("=")
+  _, sep, arg = value.partition(":")
+  return sep + arg
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
