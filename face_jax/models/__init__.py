@@ -1,0 +1,1 @@
+"""Face recognition networks: IResNet backbones, cosine classifier, face model."""
