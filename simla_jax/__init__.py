@@ -1,0 +1,1 @@
+"""SIMLA (ECCV 2022) in JAX/Flax: models, objectives, data, downstream tasks, checkpoint import."""

@@ -1,0 +1,5 @@
+"""SIMLA networks: ViT, the three-mode BERT, heads, momentum copies and queues."""
+
+from simla_jax.models.momentum import MOMENTUM_MODULES, ema_update, init_momentum, init_queues
+from simla_jax.models.simla import (SIMLA, abstract_params, clamp_temperature, count_params,
+                                    dummy_inputs, init_params, l2_normalize)
