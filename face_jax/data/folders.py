@@ -84,6 +84,10 @@ class ImageFolder:
   def path(self, i: int) -> str:
     return os.path.join(self.root, self._paths[i])
 
+  def where(self, i: int) -> str:
+    """Names image i in messages: its path."""
+    return self.path(i)
+
   def read(self, i: int) -> tuple[int, bytes]:
     """Image i -> (class id, the file's bytes), without decoding."""
     i = int(i)

@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
+from absl import flags as absl_flags
 import grain
 import ml_collections
 import numpy as np
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class FaceSource(Protocol):
-  """What the pipeline reads: `RecordIO`, `ImageFolder` or anything alike."""
+  """What the pipeline reads: `RecordIO`, `ImageFolder` or anything alike. `[i]` raises
+  `BadRecordError` for a bad record; an optional `where(i)` names record i in messages."""
 
   def __len__(self) -> int: ...
   def __getitem__(self, i: int) -> Mapping[str, Any]: ...   # {"image", "label"}
@@ -82,7 +84,9 @@ class _ReadOrMark(grain.transforms.Map):
     except BadRecordError as e:
       return BadRecord(int(index), str(e))
     if self._shape is not None and example["image"].shape != self._shape:
-      return BadRecord(int(index), f"image {index} has shape {example['image'].shape}, "
+      where = self._source.where(int(index)) if hasattr(self._source, "where") else \
+          f"image {index}"
+      return BadRecord(int(index), f"{where}: image has shape {example['image'].shape}, "
                        f"expected {self._shape} (aligned crops)")
     return example
 
@@ -214,6 +218,9 @@ def train_dataset(source: FaceSource, *, batch_size: int, seed: int, shard_index
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
+    if not absl_flags.FLAGS.is_parsed():
+      # grain's workers read absl flags; outside absl.app (notebooks, tests) use defaults.
+      absl_flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return _SkipBadAndBatch(it, batch_size=batch_size, drop_remainder=drop_remainder,
                           max_bad_fraction=max_bad_fraction, epoch_size=epoch_size)

@@ -374,6 +374,10 @@ class RecordIO:
       raise BadRecordError(f"{where}: record has no image bytes")
     return _class_id(labels, where), image, where
 
+  def where(self, i: int) -> str:
+    """Names image i in messages: file, key and byte offset."""
+    return self._where(self._image_key(int(i)))
+
   def read(self, i: int) -> tuple[int, bytes]:
     """Image i -> (class id, encoded image bytes), without decoding."""
     label, image, _ = self._read_image(self._image_key(int(i)))
@@ -528,9 +532,12 @@ def write_recordio(prefix: PathLike, examples: Iterable[Mapping[str, Any]], *,
       else:
         data = encode_jpeg(image, jpeg_quality)
         image_shape = image_shape or np.shape(image)[:2]
-      if image_shape is None:
-        with Image.open(io.BytesIO(data)) as img:
-          image_shape = (img.height, img.width)
+      if image_shape is None and insightface_header:  # for `property`
+        try:
+          with Image.open(io.BytesIO(data)) as img:
+            image_shape = (img.height, img.width)
+        except (OSError, ValueError, SyntaxError):
+          pass  # stored as given; the reader reports it if it stays undecodable
       if insightface_header:
         if np.ndim(label) != 0 or int(label) != label:
           raise ValueError(f"write_recordio: example {n}: the insightface layout needs an int "

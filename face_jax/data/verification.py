@@ -190,8 +190,9 @@ def load_bin(path: PathLike, image_size: Optional[tuple[int, int]] = (112, 112),
     raise ValueError(f"{path}: not a readable verification pack pickle "
                      f"({type(e).__name__}: {e})") from None
   if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+    length = f" of length {len(obj)}" if hasattr(obj, "__len__") else ""
     raise ValueError(f"{path}: expected the pickle of (bins, issame_list), got "
-                     f"{type(obj).__name__}{'' if not hasattr(obj, '__len__') else f' of length {len(obj)}'}")
+                     f"{type(obj).__name__}{length}")
   bins, issame = obj
   if not isinstance(bins, (list, tuple)):
     raise ValueError(f"{path}: bins is a {type(bins).__name__}, expected a list of images")
