@@ -92,6 +92,26 @@ def codebook_indices(params: Any, images: jax.Array, encoder: DalleEncoder) -> j
   return jnp.argmax(logits, axis=-1).reshape(images.shape[0], -1).astype(jnp.int32)
 
 
+def random_params(mim_cfg: Any, seed: int = 0) -> dict:
+  """Freshly initialised encoder params (the package's init), drawn with numpy.
+
+  Same distribution as `DalleEncoder.init` (kernels N(0, 1/fan_in), biases 0) without
+  compiling a JAX initialiser for every layer shape.
+  """
+  encoder = encoder_from_config(mim_cfg)
+  abstract = nn.unbox(jax.eval_shape(
+      encoder.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.float32))["params"])
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if path[-1].key == "bias":
+      return np.zeros(leaf.shape, np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 # -- weights ---------------------------------------------------------------------------
 def _flax_path(torch_key: str) -> tuple[str, ...]:
   """`blocks.group_1.block_2.res_path.conv_3.w` -> ("group_1_block_2", "conv_3", "kernel")."""
