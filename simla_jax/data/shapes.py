@@ -249,7 +249,7 @@ class ShapesSource:
       angle = rng.random() * 2 * np.pi
       ramp = (self._xs - s / 2) * np.cos(angle) + (self._ys - s / 2) * np.sin(angle)
       tex = amp * 2 * ramp / s
-    image = base[None, None, :].astype(np.float32) + tex[..., None]
+    image = base.astype(np.float32)[None, None, :] + tex.astype(np.float32)[..., None]
     for obj in objects:
       cx, cy = obj["centre"]
       r = obj["radius"]
@@ -262,8 +262,10 @@ class ShapesSource:
       ys, xs = np.nonzero(m)
       obj["box"] = (x0 + int(xs.min()), y0 + int(ys.min()),
                     x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
-    image += rng.normal(0.0, self.noise_std, size=image.shape)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    noise = rng.standard_normal(image.shape, dtype=np.float32)
+    noise *= self.noise_std
+    image += noise + 0.5  # +0.5 then truncation = rounding
+    return np.clip(image, 0, 255, out=image).astype(np.uint8)
 
   # -- language --------------------------------------------------------------------
   def _referring_phrase(self, obj, objects) -> str:
