@@ -47,7 +47,7 @@ def _bad_pack(tmp_path):
 
 def _dataset(source, **kw):
   args = dict(batch_size=4, seed=0, image_size=(SIZE, SIZE), read_threads=2,
-              prefetch_buffer_size=8)
+              prefetch_batches=4)
   args.update(kw)
   return pipeline.train_dataset(source, **args)
 
@@ -93,13 +93,16 @@ def test_shards_partition_an_epoch_and_epochs_reshuffle(pack):
   assert again.tolist() == two.tolist() and other.tolist() != two.tolist()
 
 
-def test_state_round_trip_through_json(tmp_path):
+@pytest.mark.parametrize("shuffle,steps", [(False, 1), (True, 3)])
+def test_state_round_trip_through_json(tmp_path, shuffle, steps):
   source = _bad_pack(tmp_path)
-  ds = _dataset(source, max_bad_fraction=0.5)
+  ds = _dataset(source, max_bad_fraction=0.5, shuffle=shuffle)
   it = iter(ds)
-  for _ in range(3):
+  for _ in range(steps):
     next(it)
   state = json.loads(json.dumps(it.get_state()))   # as grain's checkpoint handler stores it
+  if not shuffle:  # record 3 is bad: batch 0 took 3 of chunk 0 and 1 of chunk 1
+    assert state["chunk_pos"] == 1 and state["seen_records"] == 8
   ahead = [next(it) for _ in range(6)]
   resumed = iter(ds)
   resumed.set_state(state)
@@ -108,6 +111,14 @@ def test_state_round_trip_through_json(tmp_path):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   assert (resumed.bad_records, resumed.seen_records) == (it.bad_records, it.seen_records)
+
+
+def test_hflip_matches_reversed_view():
+  x = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+  np.testing.assert_array_equal(pipeline.hflip(x), x[:, ::-1])
+  y = x[1:4, 2:6].astype(np.float32)                       # non-contiguous source, floats
+  np.testing.assert_array_equal(pipeline.hflip(y), y[:, ::-1])
+  assert pipeline.hflip(x).flags.c_contiguous
 
 
 def test_bad_records_are_skipped_counted_and_named(tmp_path):
