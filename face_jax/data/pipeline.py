@@ -17,6 +17,11 @@ record. The counts are part of the iterator state, so a resumed run continues th
 
 Config keys (`config.data`, see `data_config()`): rec_prefix or image_root, val_bins,
 image_size, flip, max_bad_fraction, read_threads, prefetch_batches, worker_count.
+From a family's `make_task`:
+
+    it = pipeline.train_iterator(config)          # this process's shard of the batches
+    Task(..., train_data=it, host_metrics=it.host_metrics)
+    packs = pipeline.load_val_bins(config.data)   # {"lfw": (images, issame), ...}
 """
 
 import dataclasses
@@ -282,6 +287,19 @@ def train_dataset(source: FaceSource, *, batch_size: int, seed: int, shard_index
                           max_bad_fraction=max_bad_fraction, epoch_size=epoch_size)
 
 
+def _data_key(data: ml_collections.ConfigDict, key: str) -> Any:
+  """config.data[key], or its `data_config()` default when a family config omits it."""
+  return data.get(key, data_config()[key])
+
+
+def _size(image_size: Union[int, Sequence[int]]) -> tuple[int, int]:
+  """112 or (112, 112) -> (112, 112)."""
+  if isinstance(image_size, int):
+    return image_size, image_size
+  height, width = image_size
+  return int(height), int(width)
+
+
 def make_source(data: ml_collections.ConfigDict) -> Union[RecordIO, ImageFolder]:
   """`config.data` -> RecordIO(rec_prefix) or ImageFolder(image_root)."""
   if data.get("rec_prefix"):
@@ -295,19 +313,21 @@ def make_source(data: ml_collections.ConfigDict) -> Union[RecordIO, ImageFolder]
 def train_iterator(config: ml_collections.ConfigDict,
                    source: Optional[FaceSource] = None) -> FaceBatchIterator:
   """This process's batches for `config` (global `config.batch_size`, `config.seed`,
-  `config.data.*`), sharded over JAX processes. Use it as `Task.train_data` and its
-  `host_metrics` as `Task.host_metrics`."""
+  `config.data.*`; keys missing from config.data take `data_config()` defaults),
+  sharded over JAX processes. Use it as `Task.train_data` and its `host_metrics` as
+  `Task.host_metrics`."""
   import jax  # only here: the readers and the benchmark do not need JAX
   count, index = jax.process_count(), jax.process_index()
   if config.batch_size % count:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by {count} processes")
   data = config.data
+  get = lambda key: _data_key(data, key)  # pylint: disable=unnecessary-lambda-assignment
   ds = train_dataset(
       source if source is not None else make_source(data),
       batch_size=config.batch_size // count, seed=config.seed, shard_index=index,
-      shard_count=count, flip=data.flip, image_size=tuple(data.image_size),
-      max_bad_fraction=data.max_bad_fraction, read_threads=data.read_threads,
-      prefetch_batches=data.prefetch_batches, worker_count=data.worker_count)
+      shard_count=count, flip=get("flip"), image_size=_size(get("image_size")),
+      max_bad_fraction=get("max_bad_fraction"), read_threads=get("read_threads"),
+      prefetch_batches=get("prefetch_batches"), worker_count=get("worker_count"))
   return iter(ds)
 
 
@@ -319,5 +339,5 @@ def load_val_bins(data: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray
     name = os.path.splitext(os.path.basename(path))[0]
     if name in out:
       raise ValueError(f"config.data.val_bins: two packs named {name!r}")
-    out[name] = load_bin(path, image_size=tuple(data.image_size))
+    out[name] = load_bin(path, image_size=_size(_data_key(data, "image_size")))
   return out

@@ -170,3 +170,7 @@ def test_train_iterator_and_val_bins_from_config(tmp_path, pack):
   config.data.rec_prefix = ""
   with pytest.raises(ValueError, match="rec_prefix .* or image_root"):
     pipeline.make_source(config.data)
+  # A family config with only some keys (an int image size) gets the other defaults.
+  sparse = ml_collections.ConfigDict(dict(batch_size=4, seed=1, data=dict(
+      rec_prefix=str(tmp_path / "train"), image_size=SIZE, read_threads=1)))
+  assert next(pipeline.train_iterator(sparse))["image"].shape == (4, SIZE, SIZE, 3)
