@@ -12,6 +12,13 @@ step) and the iterator's `get_state()` / `set_state()` resumes exactly.
   batch = next(it)   # dict of numpy arrays, see simla_jax.data.__init__
   state = it.get_state(); ...; it.set_state(state)
 
+`per_process_batch` = global batch / jax.process_count(). With `loader.worker_count > 0`
+grain starts worker processes (spawn): the entry point needs the
+`if __name__ == "__main__"` guard and parsed absl flags (absl.app.run does both), and
+the batch order differs from worker_count = 0 (each worker batches its own slice) while
+staying deterministic and resumable. Bad caption-JSON images with
+`captions.skip_bad=True` are skipped with a logged warning carrying the running count.
+
 Eval (retrieval on a held-out split): every image once (eval transform) and every
 caption, with index maps.
 

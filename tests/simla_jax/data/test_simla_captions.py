@@ -84,7 +84,7 @@ def _captions_cfg(tmp_path, records, skip_bad):
   return cfg
 
 
-def test_pipeline_skips_and_counts_bad_examples_or_fails(tmp_path):
+def test_pipeline_skips_and_counts_bad_examples_or_fails(tmp_path, caplog):
   _write_images(tmp_path, 4)
   records = [{"image": _name(i), "caption": ["a dog", "a cat"]} for i in range(4)]
   records.insert(2, {"image": "gone.jpg", "caption": "a dog"})
@@ -93,6 +93,7 @@ def test_pipeline_skips_and_counts_bad_examples_or_fails(tmp_path):
   batches = list(ds)
   indices = sorted(int(i) for b in batches for i in b["index"])
   assert indices == [0, 1, 3, 4]  # record 2 skipped
+  assert "skipping bad example 2 (1 so far)" in caplog.text and "gone.jpg" in caplog.text
   assert batches[0]["image"].shape == (2, 32, 32, 3) and batches[0]["text_ids"].shape == (2, 30)
   cfg = _captions_cfg(tmp_path, records, skip_bad=False)
   with pytest.raises(BadImageError, match="gone.jpg"):
