@@ -25,6 +25,7 @@ header is broken fails at construction: nothing half-loaded is returned.
 
 import io
 import logging
+import math
 import os
 import struct
 import threading
@@ -106,13 +107,13 @@ def unpack_payload(payload: bytes, where: str) -> tuple[int, np.ndarray, bytes]:
 
 def _class_id(labels: np.ndarray, where: str) -> int:
   value = float(labels[0])
-  if not (value >= 0 and value == int(value)):
+  if not (math.isfinite(value) and value >= 0 and value == int(value)):
     raise BadRecordError(f"{where}: label {value!r} is not a class id (a non-negative integer)")
   return int(value)
 
 
 def _record_number(value: float, what: str, where: str) -> int:
-  if not (value >= 0 and value == int(value)):
+  if not (math.isfinite(value) and value >= 0 and value == int(value)):
     raise ValueError(f"{where}: {what} {value!r} is not a record number")
   return int(value)
 
@@ -221,8 +222,14 @@ class RecordIO:
       if flag > 0 and not image:  # A record without image bytes: insightface header.
         self._init_insightface_header(flag, labels, where0)
     self._num_classes = property_classes
-    if self._num_classes is None and self._identity_keys is not None:
-      self._num_classes = self._identity_keys[1] - self._identity_keys[0]
+    if self._identity_keys is not None:
+      identities = self._identity_keys[1] - self._identity_keys[0]
+      if self._num_classes is None:
+        self._num_classes = identities
+      elif self._num_classes != identities:
+        log.warning("%s says %d classes but %s has %d identity records; using %d (a property "
+                    "file describes the folder's training pack)", self.property_path,
+                    self._num_classes, self.rec_path, identities, self._num_classes)
 
   # --- header -------------------------------------------------------------
 
@@ -499,7 +506,7 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 def write_recordio(prefix: PathLike, examples: Iterable[Mapping[str, Any]], *,
                    insightface_header: bool = True, num_classes: Optional[int] = None,
-                   jpeg_quality: int = 95) -> int:
+                   write_property: bool = True, jpeg_quality: int = 95) -> int:
   """Writes `prefix.rec`, `prefix.idx` (and `property` beside them); returns #images.
 
   Args:
@@ -512,6 +519,9 @@ def write_recordio(prefix: PathLike, examples: Iterable[Mapping[str, Any]], *,
       labels in non-decreasing order. Otherwise keys 0..N-1 are the images.
     num_classes: insightface layout: class count when trailing classes have no images
       (default: largest label + 1).
+    write_property: insightface layout: write `property` ("num_classes,H,W") beside the
+      pack. It describes the folder's training pack, so turn it off for a second pack
+      (e.g. a meta set) in the same folder.
     jpeg_quality: for images given as arrays.
   """
   prefix = os.fspath(prefix)
@@ -571,7 +581,7 @@ def write_recordio(prefix: PathLike, examples: Iterable[Mapping[str, Any]], *,
       rec.seek(0)
       _write_record(rec, pack_payload([a, b], b""))
       assert rec.tell() == header_size, "header record changed size"
-  if insightface_header:
+  if insightface_header and write_property:
     height, width = image_shape or (0, 0)
     with open(os.path.join(os.path.dirname(os.path.abspath(rec_path)), "property"), "w") as f:
       f.write(f"{len(ranges)},{height},{width}")

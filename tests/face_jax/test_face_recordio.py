@@ -164,6 +164,15 @@ def test_property_file_gives_num_classes(tmp_path):
       [whole(irheader(0, 0.0) + jpeg(COLORS[0]))], [(1, 2)]))
   (tmp_path / "property").write_text("85742,112,112\n")
   assert RecordIO(prefix).num_classes == 85742
+  # A second pack in the folder leaves the training pack's property alone.
+  write_recordio(tmp_path / "meta", [{"image": jpeg(COLORS[0]), "label": 0}],
+                 write_property=False)
+  assert (tmp_path / "property").read_text() == "85742,112,112\n"
+  (tmp_path / "property").write_text("1")
+  assert RecordIO(tmp_path / "meta").num_classes == 1
+  (tmp_path / "property").write_text("x,112,112")
+  with pytest.raises(ValueError, match=r"property: expected 'num_classes,height,width'"):
+    RecordIO(prefix)
 
 
 def test_header_only_pack_without_identity_records(tmp_path):
@@ -336,15 +345,18 @@ def test_identity_record_outside_images(tmp_path):
 
 
 def test_undecodable_image_and_non_integer_label(tmp_path):
-  payloads = [whole(irheader(0, 0.0) + b"not an image"), whole(irheader(0, 1.5) + jpeg(COLORS[0]))]
-  prefix, offsets = build(tmp_path, insightface_records(payloads, [(1, 3)]))
+  payloads = [whole(irheader(0, 0.0) + b"not an image"), whole(irheader(0, 1.5) + jpeg(COLORS[0])),
+              whole(irheader(1, labels=(float("inf"),)) + jpeg(COLORS[0]))]
+  prefix, offsets = build(tmp_path, insightface_records(payloads, [(1, 4)]))
   rec = RecordIO(prefix)
   with pytest.raises(BadRecordError, match=rf"key 1 at offset {offsets[1]}: not an image format"):
     rec[0]
   with pytest.raises(BadRecordError, match=r"key 2 .*label 1\.5 is not a class id"):
     rec[1]
+  with pytest.raises(BadRecordError, match=r"key 3 .*label inf is not a class id"):
+    rec.label(2)
   with pytest.raises(IndexError):
-    rec[2]
+    rec[3]
 
 
 def test_missing_files(tmp_path):
