@@ -174,3 +174,24 @@ def test_train_iterator_and_val_bins_from_config(tmp_path, pack):
   sparse = ml_collections.ConfigDict(dict(batch_size=4, seed=1, data=dict(
       rec_prefix=str(tmp_path / "train"), image_size=SIZE, read_threads=1)))
   assert next(pipeline.train_iterator(sparse))["image"].shape == (4, SIZE, SIZE, 3)
+
+
+def test_orbax_checkpoint_of_the_iterator(tmp_path):
+  """The loop's Checkpointer saves and restores the iterator through grain's handler."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from train_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  source = _bad_pack(tmp_path)
+  ds = _dataset(source, max_bad_fraction=0.5)
+  it = iter(ds)
+  for _ in range(2):
+    next(it)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  ckpt.save(1, {"w": jnp.zeros(3)}, it)
+  ckpt.close()
+  ahead = [next(it)["label"].tolist() for _ in range(4)]
+  resumed = iter(ds)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  ckpt.restore(1, {"w": jnp.zeros(3)}, resumed)
+  ckpt.close()
+  assert [next(resumed)["label"].tolist() for _ in range(4)] == ahead
+  assert (resumed.bad_records, resumed.seen_records) == (it.bad_records, it.seen_records)
