@@ -51,6 +51,8 @@ def _multihost_env() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   import jax  # after flags: XLA_FLAGS from the environment take effect first
   if _MULTIHOST.value or _multihost_env():
     jax.distributed.initialize()
