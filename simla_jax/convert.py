@@ -346,7 +346,8 @@ def apply_rules(state: StateDict, rules: Iterable[Rule], expected: Mapping[Path,
   return out
 
 
-def _flat_shapes(tree: Any, root: Path = ()) -> dict[Path, tuple[int, ...]]:
+def flat_shapes(tree: Any, root: Path = ()) -> dict[Path, tuple[int, ...]]:
+  """Flax path (prefixed by `root`) -> shape, for every leaf of an unboxed tree."""
   return {root + k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
@@ -357,7 +358,8 @@ def _check_covered(filled: Mapping[Path, Any], expected: Mapping[Path, Any], sou
                           + ", ".join("/".join(p) for p in missing))
 
 
-def _replace_leaves(params: Any, filled: Mapping[Path, np.ndarray], root: Path) -> Any:
+def replace_leaves(params: Any, filled: Mapping[Path, np.ndarray], root: Path = ()) -> Any:
+  """A copy of `params` with the leaves `filled` (paths prefixed by `root`) replaced."""
   flat = traverse_util.flatten_dict(params)
   for path, value in filled.items():
     rel = path[len(root):]
@@ -384,8 +386,8 @@ def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.Config
   """
   state = read_state_dict(path_or_state_dict)
   abstract = simla_lib.abstract_params(cfg)
-  expected = {**_flat_shapes(abstract, ("params",)),
-              **_flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
+  expected = {**flat_shapes(abstract, ("params",)),
+              **flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
   queue_keys = ("image_queue", "text_queue", "queue_ptr")
   queues, problems = {}, []
   for name in ("image_queue", "text_queue"):
@@ -432,7 +434,7 @@ def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any]
   out["image_queue"] = np.asarray(queues["image_queue"]).T
   out["text_queue"] = np.asarray(queues["text_queue"]).T
   out["queue_ptr"] = np.asarray(queues["queue_ptr"]).reshape(1).astype(np.int64)
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  return {k: np.array(v, order="C") for k, v in out.items()}
 
 
 def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
@@ -449,10 +451,10 @@ def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict
                           "('bert.*', 'cls.predictions.*'), found keys like "
                           f"{sorted(state)[:3]}")
   rules = bert_rules(cfg, "bert.", ("bert",), cross_attention=False) + mlm_rules("cls.", ("bert",))
-  expected = _flat_shapes(params)
+  expected = flat_shapes(params)
   filled = apply_rules(state, rules, expected, dropped=HF_BERT_DROPPED,
                        source="Hugging Face BERT checkpoint")
-  return _replace_leaves(params, filled, ())
+  return replace_leaves(params, filled, ())
 
 
 def load_vit_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
@@ -464,6 +466,6 @@ def load_vit_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict,
   """
   state = read_state_dict(path_or_state_dict)
   rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
-  filled = apply_rules(state, rules, _flat_shapes(params), dropped=DEIT_DROPPED,
+  filled = apply_rules(state, rules, flat_shapes(params), dropped=DEIT_DROPPED,
                        optional=("mask_token",), source="ViT checkpoint")
-  return _replace_leaves(params, filled, ())
+  return replace_leaves(params, filled, ())

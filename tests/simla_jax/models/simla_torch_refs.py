@@ -1,6 +1,9 @@
 """PyTorch references for the SIMLA model tests: HF modules with random weights and the
 official checkpoint layout built from their state dicts (imported by the test files here)."""
 
+import contextlib
+import functools
+
 import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, BlipTextConfig, ViTConfig, ViTModel
@@ -144,3 +147,25 @@ def rel_err(ours, ref) -> float:
 def torch_images(images: np.ndarray) -> torch.Tensor:
   """NHWC numpy -> NCHW torch."""
   return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+@contextlib.contextmanager
+def cross_attention_mask(text: BlipTextModel, mask: np.ndarray):
+  """Makes BlipTextModel apply a cross-attention key mask, as the official med.py does.
+
+  transformers 5.24's BlipTextAttention does not pass `encoder_attention_mask` on to its
+  attention (the mask is silently ignored), so it is injected here in med.py's additive
+  form, (1 - mask) * -10000, broadcast over heads and queries.
+  """
+  bias = (1.0 - torch.from_numpy(np.asarray(mask, np.float32)))[:, None, None, :] * -10000.0
+  originals = []
+  for layer in text.encoder.layer:
+    attn = layer.crossattention.self
+    originals.append((attn, attn.forward))
+    attn.forward = functools.partial(
+        lambda *a, _f, **kw: _f(*a, **{**kw, "encoder_attention_mask": bias}), _f=attn.forward)
+  try:
+    yield
+  finally:
+    for attn, forward in originals:
+      attn.forward = forward
