@@ -121,8 +121,8 @@ def main():
                                     read_threads=threads, prefetch_batches=2 * threads)
         it = iter(ds)
         next(it)  # start the threads
-        row(f"grain ({decoder}), {threads} thread(s)",
-            *timed(lambda: len(next(it)["label"]), args.seconds))  # pylint: disable=cell-var-from-loop
+        batch_of = lambda it=it: len(next(it)["label"])
+        row(f"grain ({decoder}), {threads} thread(s)", *timed(batch_of, args.seconds))
         it.close()
     recordio.simplejpeg = installed
     rec.close()
