@@ -14,7 +14,7 @@ gradient, while the margin values themselves stay differentiable (d z_y / d m2 =
 -s sin(theta_y + m2)), which the meta-gradient into a learned margin needs. For constant
 margins this is identical to `logits + stop_gradient(margined - logits)`.
 
-Logits and cross-entropy are float32 whatever the compute dtype: s = 64 times a cosine
+Logits and cross-entropy are float32 (float64 if given) whatever the compute dtype: s = 64 times a cosine
 overflows float16 softmax (insightface #2200).
 """
 
@@ -24,6 +24,11 @@ import jax
 import jax.numpy as jnp
 
 Margin = Union[float, jax.Array]   # scalar or (b,)
+
+
+def at_least_f32(x):
+  """Casts bfloat16/float16 to float32; float32 and float64 pass unchanged."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _is_const(m, value: float) -> bool:
@@ -46,8 +51,8 @@ def margin_logits(cos, labels, *, s: float, m1: Margin = 1.0, m2: Margin = 0.0,
   Returns:
     (b, c) float32 logits.
   """
-  cos = cos.astype(jnp.float32)
-  onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.float32)
+  cos = at_least_f32(cos)
+  onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=cos.dtype)
   target = jnp.sum(cos * onehot, axis=-1)                            # (b,)
   if _is_const(m1, 1.0) and _is_const(m2, 0.0):
     new_target = target - m3                                         # CosFace: exact
@@ -75,6 +80,6 @@ def arcface_logits(cos, labels, *, s: float = 64.0, m: Margin = 0.5,
 
 def cross_entropy(logits, labels):
   """Per-sample softmax cross-entropy, (b, c) logits, (b,) labels -> (b,) float32."""
-  logits = logits.astype(jnp.float32)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  logits = at_least_f32(logits)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
   return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * onehot, axis=-1)

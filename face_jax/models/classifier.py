@@ -14,8 +14,8 @@ NORM_EPS = 1e-12         # torch.nn.functional.normalize default
 
 
 def l2_normalize(x, axis: int = -1):
-  """x / max(|x|, eps), in float32."""
-  x = x.astype(jnp.float32)
+  """x / max(|x|, eps), in float32 (float64 if given)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), NORM_EPS)
 
 

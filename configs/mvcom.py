@@ -1,0 +1,155 @@
+"""MvCoM face recognition: `python run.py --config=configs/mvcom.py[:variant[,variant]]`.
+
+Default: biased synthetic faces (face_jax/data/synthetic.py), a small IResNet, CosFace
+with the MvCoM learned margin; a 2-core CPU finishes it in about 10 minutes.
+
+Variants (comma-separated, applied in order):
+  cosface              plain CosFace (s, m0), no learned margin
+  arcface              plain ArcFace (margin in the angle)
+  fixed_group_margins  CosFace with hand-set larger margins for the minority groups
+  balanced             CosFace with group-balanced sampling
+  l2rw                 CosFace with learning-to-reweight weights from the meta set
+  predicted            MvCoM with attributes predicted by auxiliary heads (not oracle)
+  paper                IResNet-100 on an MS1MV2-style .rec (insightface recipe); set
+                       data.rec_prefix / meta_rec_prefix / val_bins to your files
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ("cosface", "arcface", "fixed_group_margins", "balanced", "l2rw", "predicted", "paper")
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  c = common.base()
+  c.family = "mvcom"
+  c.seed = 0
+  c.batch_size = 128
+  c.total_steps = 800
+  c.log_every_steps = 25
+  c.eval_every_steps = 400
+  c.checkpoint_every_steps = 400
+
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = 0.05
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.no_decay = (r".*bias$", r".*(scale|alpha).*")   # BN and PReLU parameters
+  c.optimizer.schedule.name = "polynomial"                     # arcface_torch: linear to 0
+  c.optimizer.schedule.warmup_steps = 50
+  c.optimizer.schedule.power = 1.0
+  c.optimizer.schedule.end_lr = 0.0
+
+  # Backbone: IResNet; `arch` picks an insightface depth (r18..r200), else `layers`.
+  c.model = ml_collections.ConfigDict(dict(
+      arch="", layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), embed_dim=64,
+      dropout=0.0, dtype="float32", remat=False))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic",          # synthetic | real
+      # --- synthetic biased faces (face_jax/data/synthetic.py) ---
+      image_size=24, channels=3,
+      frequencies=6,             # cosine basis frequencies per axis (6 -> 36 basis fields)
+      code_dim=16,               # identity code dimension
+      gain=1.5,                  # field contrast before tanh
+      tint=0.3,                  # per-group colour offset range
+      jitter=0.35,               # intra-identity code noise
+      pixel_noise=0.05,
+      group_fractions=(0.80, 0.17, 0.03),   # training identity mix
+      group_spread=(1.0, 0.7, 0.5),         # identity-code scale per group
+      group_specificity=(0.0, 0.6, 0.8),    # weight of each group's own render subspace
+      num_train_ids=600, images_per_id=(8, 16),
+      meta_ids_per_group=12, meta_images_per_id=4,
+      test_ids_per_group=150, test_images_per_id=10, pairs_per_cell=3000,
+      train_variation_rate=0.1, meta_variation_rate=0.5, test_variation_rate=0.3,
+      pose_shift=4,              # px
+      pose_ramp=0.5,             # illumination ramp amplitude
+      occlusion_fraction=0.4,    # of the image height
+      blur_sigma=1.2,            # px
+      # --- real faces (face_jax/data/pipeline.py, face_jax/real_data.py) ---
+      rec_prefix="",             # .../faces_emore/train -> train.rec, train.idx, property
+      image_root="",             # or root/<identity>/<image> (when rec_prefix is "")
+      meta_rec_prefix="",        # held-out images of training identities (mvcom, l2rw)
+      group_of_class="",         # optional .npy (num_classes,) group id per identity
+      val_bins=(),               # verification packs, e.g. (".../lfw.bin", ".../cfp_fp.bin")
+      group_bins=(),             # names of packs that form groups, e.g. RFW's four
+      max_bad_fraction=1e-4,     # stop when more records than this fraction are bad
+      read_threads=8,            # decoding threads
+      worker_count=0,            # >0: decode in that many processes
+      # --- both ---
+      meta_batch_size=64,
+      sampling="uniform",        # uniform | group_balanced (synthetic only)
+      flip=True,                 # random horizontal flip (training)
+      prefetch_batches=2,        # batches prepared ahead
+  ))
+
+  # insightface margin_list (m1, m2, m3); the learned / per-group margin replaces the
+  # `margin_slot` entry, whose configured value is the base margin m0.
+  c.loss = ml_collections.ConfigDict(dict(
+      s=30.0, m1=1.0, m2=0.0, m3=0.35, margin_slot="m3", straight_through=True))
+
+  c.method = "mvcom"             # plain | fixed_group_margins | mvcom | l2rw
+  c.fixed_group_margins = (0.0, 0.1, 0.2)   # added to m0 per group
+
+  c.mvcom = ml_collections.ConfigDict(dict(
+      factors=(("group", 3), ("pose", 1), ("occlusion", 1), ("blur", 1)),
+      attributes="oracle",       # oracle (from the data) | predicted (attribute heads)
+      attr_loss_weight=0.1,      # attribute-head loss weight (predicted)
+      bound=0.3,                 # largest margin offset per factor
+      class_bound=0.0,           # largest class-prior offset (0: no class term)
+      meta_lr=3e-3,              # Adam on the margin parameters
+      meta_weight_decay=0.0,
+      meta_every=1,              # bilevel update every k steps
+      virtual_lr_scale=1.0,      # virtual step size = scale * current learning rate
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=500, n_folds=10, far_targets=(1e-3, 1e-2), flip=True))
+
+  for variant in [v for v in (arg or "").split(",") if v]:
+    _apply_variant(c, variant)
+  return c
+
+
+def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+  if variant == "cosface":
+    c.method = "plain"
+  elif variant == "arcface":
+    c.method = "plain"
+    c.loss.update(m1=1.0, m2=0.5, m3=0.0, margin_slot="m2")
+  elif variant == "fixed_group_margins":
+    c.method = "fixed_group_margins"
+  elif variant == "balanced":
+    c.method = "plain"
+    c.data.sampling = "group_balanced"
+  elif variant == "l2rw":
+    c.method = "l2rw"
+  elif variant == "predicted":
+    c.mvcom.attributes = "predicted"
+  elif variant == "paper":
+    c.batch_size = 512
+    c.total_steps = 20 * 5_822_653 // 512          # 20 epochs of MS1MV2
+    c.log_every_steps = 50
+    c.eval_every_steps = 2000
+    c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3
+    c.optimizer.lr = 0.1
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 5e-4
+    c.optimizer.schedule.update(name="polynomial", warmup_steps=0, power=1.0, end_lr=0.0)
+    c.optimizer.grad_clip_norm = 5.0               # arcface_torch clips the backbone at 5
+    c.model.update(arch="r100", embed_dim=512, dtype="bfloat16", remat=True)
+    c.loss.update(s=64.0, m1=1.0, m2=0.0, m3=0.4, margin_slot="m3")
+    c.data.update(name="real", image_size=112, rec_prefix="data/faces_emore/train",
+                  meta_rec_prefix="data/faces_emore/meta",
+                  val_bins=("data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
+                            "data/faces_emore/agedb_30.bin"),
+                  meta_batch_size=128, prefetch_batches=16, train_variation_rate=0.1)
+    # Pose / occlusion / blur come from online augmentation, so they are known exactly;
+    # add ("group", G) with data.group_of_class for (pseudo) ethnicity labels.
+    c.mvcom.update(attributes="oracle", meta_every=10,
+                   factors=(("pose", 1), ("occlusion", 1), ("blur", 1)))
+    c.eval.batch_size = 256
+  else:
+    raise ValueError(f"configs/mvcom.py: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")

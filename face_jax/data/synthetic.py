@@ -1,0 +1,261 @@
+"""Procedural biased faces: identities, ethnicity-like groups and variations, no files.
+
+Example i of a split is a pure function of (seed, split, i).
+
+Renderer. A face is a smooth field on the image grid: a low-frequency cosine basis
+(frequencies even in x, so faces are left-right symmetric and a flip is a natural
+augmentation), with per-channel coefficients A_g z from the identity code z (dim
+`code_dim`), then tanh and a per-group colour tint. Each image perturbs the code
+(z + jitter * noise) and adds pixel noise.
+
+Groups (ethnicity-like). Group g renders with its own matrix
+  A_g = sqrt(1 - rho_g) A_shared + sqrt(rho_g) A_own_g,
+so with rho_0 = 0 the majority exercises only the shared subspace and a minority with
+rho_g > 0 puts much of its identity signal where the majority has none; its codes are
+also scaled by `group_spread[g]` < 1 (identities closer together). Training identities
+follow `group_fractions` (e.g. 0.80 / 0.17 / 0.03); specs/mvcom.md §6.4 lesson 1.
+
+Variations. Pose, occlusion and blur (data/variations.py) are applied independently at
+a per-split rate; the attributes are recorded with every image.
+
+Splits.
+  train  `num_train_ids` identities, a variable number of images each (long tail)
+  meta   held-out images of training identities: `meta_ids_per_group` of each group,
+         variations at `meta_variation_rate` (balanced over groups and variations)
+  test   `test_ids_per_group` new identities per group (disjoint from training)
+Test pairs (`test_pairs`): per group, genuine and same-group impostor pairs; per
+variation, pairs of one image with that variation against a clean one; plus clean-clean.
+"""
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import numpy as np
+
+from face_jax import mvcom
+from face_jax.data import variations
+
+SPLITS = {"train": 1, "meta": 2, "test": 3}
+_SALT = {"code": 11, "count": 12, "groups": 13, "render": 14, "meta_ids": 15, "pairs": 16, "tint": 17}
+
+
+def _rng(*keys) -> np.random.Generator:
+  return np.random.default_rng([int(k) for k in keys])
+
+
+def _cosine_basis(size: int, frequencies: int) -> np.ndarray:
+  """(k, size, size) cosine basis, x-frequencies even (symmetric), unit RMS each."""
+  grid = (np.arange(size) + 0.5) / size
+  out = []
+  for v in range(frequencies):
+    for u in range(frequencies):
+      f = np.cos(np.pi * v * grid)[:, None] * np.cos(np.pi * 2 * u * grid)[None, :]
+      out.append(f / np.sqrt(np.mean(f ** 2)))
+  return np.stack(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+  """Verification pairs of test images: indices into the test split."""
+  a: np.ndarray        # (n,) int
+  b: np.ndarray        # (n,) int
+  issame: np.ndarray   # (n,) bool
+
+
+class SyntheticFaces:
+  """The biased synthetic face world of one seed; see the module docstring.
+
+  `cfg` is `config.data` (configs/mvcom.py lists every field with its meaning).
+  """
+
+  def __init__(self, cfg, seed: int):
+    self.cfg, self.seed = cfg, int(seed)
+    self.num_groups = len(cfg.group_fractions)
+    for name in ("group_spread", "group_specificity"):
+      if len(cfg[name]) != self.num_groups:
+        raise ValueError(f"data.{name} needs one entry per group ({self.num_groups})")
+    c, k, d = cfg.channels, cfg.frequencies ** 2, cfg.code_dim
+    self.basis = _cosine_basis(cfg.image_size, cfg.frequencies).reshape(k, -1).astype(np.float32)
+    world = _rng(self.seed, _SALT["groups"], 0)
+    shared = world.normal(size=(c * k, d)) / np.sqrt(d)
+    self.mixing = []
+    for g in range(self.num_groups):
+      own = _rng(self.seed, _SALT["groups"], 1 + g).normal(size=(c * k, d)) / np.sqrt(d)
+      rho = float(cfg.group_specificity[g])
+      self.mixing.append((np.sqrt(1 - rho) * shared + np.sqrt(rho) * own).astype(np.float32))
+    self.tints = [_rng(self.seed, _SALT["tint"], g).uniform(-cfg.tint, cfg.tint, c).astype(np.float32)
+                  for g in range(self.num_groups)]
+    # Training identities: exact group counts, shuffled; variable image counts.
+    n = cfg.num_train_ids
+    counts = np.floor(np.asarray(cfg.group_fractions) * n).astype(int)
+    counts[0] += n - counts.sum()
+    if (counts <= 0).any():
+      raise ValueError(f"data.group_fractions {tuple(cfg.group_fractions)} leave a group without "
+                       f"training identities at num_train_ids={n}")
+    self.train_groups = _rng(self.seed, _SALT["groups"], 99).permutation(
+        np.repeat(np.arange(self.num_groups), counts))
+    lo, hi = cfg.images_per_id
+    self.train_counts = np.array([_rng(self.seed, _SALT["count"], i).integers(lo, hi + 1)
+                                  for i in range(n)])
+    self.train_starts = np.concatenate([[0], np.cumsum(self.train_counts)])
+    self.class_prior = mvcom.class_prior(self.train_counts)
+    # Meta identities: a balanced subset of the training identities.
+    self.meta_ids = np.concatenate([
+        _rng(self.seed, _SALT["meta_ids"], g).choice(np.flatnonzero(self.train_groups == g),
+                                                     cfg.meta_ids_per_group, replace=False)
+        if (self.train_groups == g).sum() >= cfg.meta_ids_per_group else
+        _raise(f"data.meta_ids_per_group={cfg.meta_ids_per_group} exceeds the "
+               f"{(self.train_groups == g).sum()} training identities of group {g}")
+        for g in range(self.num_groups)])
+    self.test_groups = np.repeat(np.arange(self.num_groups), cfg.test_ids_per_group)
+
+  # --- sizes and identities ------------------------------------------------------------
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.cfg.num_train_ids)
+
+  def __len__(self):
+    return int(self.train_starts[-1])
+
+  def size(self, split: str) -> int:
+    if split == "train":
+      return len(self)
+    if split == "meta":
+      return len(self.meta_ids) * self.cfg.meta_images_per_id
+    if split == "test":
+      return len(self.test_groups) * self.cfg.test_images_per_id
+    raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)}")
+
+  def identities(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(identity id, group) of examples `idx`; test ids follow the training ids."""
+    idx = np.asarray(idx, np.int64)
+    if np.any(idx < 0) or np.any(idx >= self.size(split)):
+      raise IndexError(f"synthetic faces: {split} index out of range [0, {self.size(split)})")
+    if split == "train":
+      ident = np.searchsorted(self.train_starts, idx, side="right") - 1
+      return ident, self.train_groups[ident]
+    if split == "meta":
+      ident = self.meta_ids[idx // self.cfg.meta_images_per_id]
+      return ident, self.train_groups[ident]
+    j = idx // self.cfg.test_images_per_id
+    return self.cfg.num_train_ids + j, self.test_groups[j]
+
+  def identity_code(self, ident: int, group: int) -> np.ndarray:
+    z = _rng(self.seed, _SALT["code"], ident).normal(size=self.cfg.code_dim)
+    return (z * self.cfg.group_spread[group]).astype(np.float32)
+
+  # --- rendering ----------------------------------------------------------------------
+
+  def examples(self, split: str, idx) -> dict[str, np.ndarray]:
+    """Renders examples `idx` of `split` -> batch dict of numpy arrays:
+    image (b, s, s, c) float32 in about [-1, 1], label (b,) int32 (identity id), group
+    (b,) int32, pose / occlusion / blur (b,) int32 in {0, 1}, class_prior (b,) float32."""
+    cfg = self.cfg
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    ident, group = self.identities(split, idx)
+    rate = {"train": cfg.train_variation_rate, "meta": cfg.meta_variation_rate,
+            "test": cfg.test_variation_rate}[split]
+    s, c = cfg.image_size, cfg.channels
+    codes, flags, rngs = [], [], []
+    for i, y, g in zip(idx, ident, group):
+      rng = _rng(self.seed, _SALT["render"], SPLITS[split], i)
+      z = self.identity_code(y, g) + cfg.jitter * rng.normal(size=cfg.code_dim).astype(np.float32)
+      codes.append(self.mixing[g] @ z)
+      flags.append({v: bool(rng.random() < rate) for v in variations.VARIATIONS})
+      rngs.append(rng)
+    coef = np.stack(codes).reshape(len(idx), c, -1)                       # (b, c, k)
+    field = np.einsum("bck,kp->bpc", coef, self.basis).reshape(len(idx), s, s, c)
+    images = np.tanh(cfg.gain * field) + np.stack([self.tints[g] for g in group])[:, None, None]
+    out = np.empty((len(idx), s, s, c), np.float32)
+    for b, (img, f, rng) in enumerate(zip(images, flags, rngs)):
+      img = variations.apply(img.astype(np.float32), f, rng, cfg)
+      out[b] = img + cfg.pixel_noise * rng.normal(size=img.shape)
+    prior = (self.class_prior[ident] if split != "test" else np.zeros(len(idx))).astype(np.float32)
+    return {
+        "image": out,
+        "label": ident.astype(np.int32),
+        "group": group.astype(np.int32),
+        **{v: np.array([f[v] for f in flags], np.int32) for v in variations.VARIATIONS},
+        "class_prior": prior,
+    }
+
+  def example(self, split: str, i: int) -> dict[str, np.ndarray]:
+    return {k: v[0] for k, v in self.examples(split, [i]).items()}
+
+  # --- test pairs ---------------------------------------------------------------------
+
+  @functools.cached_property
+  def test_set(self) -> dict[str, np.ndarray]:
+    """All test images rendered once (they are few)."""
+    return self.examples("test", np.arange(self.size("test")))
+
+  def test_pairs(self) -> dict[str, Pairs]:
+    """Cells of `pairs_per_cell` pairs (half genuine): 'group<g>', each variation, 'clean'."""
+    cfg, n = self.cfg, self.cfg.pairs_per_cell
+    meta = {k: v for k, v in self.test_set.items() if k != "image"}
+    ident, group = meta["label"], meta["group"]
+    clean = (meta["pose"] == 0) & (meta["occlusion"] == 0) & (meta["blur"] == 0)
+    cells = {f"group{g}": (group == g, group == g, np.full(len(group), g))
+             for g in range(self.num_groups)}
+    for v in variations.VARIATIONS:
+      cells[v] = (meta[v] == 1, clean, group)
+    cells["clean"] = (clean, clean, group)
+    out = {}
+    for c_i, (name, (mask_a, mask_b, _)) in enumerate(cells.items()):
+      rng = _rng(self.seed, _SALT["pairs"], c_i)
+      out[name] = _sample_pairs(rng, ident, group, mask_a, mask_b, n)
+    return out
+
+
+def _raise(msg):
+  raise ValueError(msg)
+
+
+def _sample_pairs(rng, ident, group, mask_a, mask_b, n) -> Pairs:
+  """n/2 genuine pairs (same identity, a from mask_a, b from mask_b, a != b) and n/2
+  impostor pairs (different identities of the same group), in random order."""
+  cand_a = np.flatnonzero(mask_a)
+  by_id_b: dict[int, np.ndarray] = {}
+  for i in np.flatnonzero(mask_b):
+    by_id_b.setdefault(int(ident[i]), []).append(i)
+  by_group_b: dict[int, np.ndarray] = {}
+  for i in np.flatnonzero(mask_b):
+    by_group_b.setdefault(int(group[i]), []).append(i)
+  genuine_a = [i for i in cand_a if any(j != i for j in by_id_b.get(int(ident[i]), []))]
+  if not genuine_a:
+    raise ValueError("synthetic faces: a pair cell has no genuine pairs; raise test_images_per_id "
+                     "or the test variation rate")
+  a, b, same = [], [], []
+  while len(a) < n // 2:
+    i = genuine_a[rng.integers(len(genuine_a))]
+    opts = [j for j in by_id_b[int(ident[i])] if j != i]
+    a.append(i); b.append(opts[rng.integers(len(opts))]); same.append(True)
+  while len(a) < n:
+    i = cand_a[rng.integers(len(cand_a))]
+    opts = by_group_b.get(int(group[i]), [])
+    if not opts:
+      continue
+    j = opts[rng.integers(len(opts))]
+    if ident[j] == ident[i]:
+      continue
+    a.append(i); b.append(j); same.append(False)
+  order = rng.permutation(n)
+  return Pairs(np.asarray(a)[order], np.asarray(b)[order], np.asarray(same)[order])
+
+
+def default_config() -> Mapping:
+  """The synthetic world's fields with their defaults (configs/mvcom.py copies these)."""
+  return dict(
+      name="synthetic",
+      image_size=24, channels=3, frequencies=6, code_dim=16, gain=1.5, tint=0.3,
+      jitter=0.35, pixel_noise=0.05,
+      group_fractions=(0.80, 0.17, 0.03), group_spread=(1.0, 0.7, 0.5),
+      group_specificity=(0.0, 0.6, 0.8),
+      num_train_ids=500, images_per_id=(8, 16),
+      meta_ids_per_group=20, meta_images_per_id=4,
+      test_ids_per_group=150, test_images_per_id=10, pairs_per_cell=3000,
+      train_variation_rate=0.1, meta_variation_rate=0.5, test_variation_rate=0.3,
+      pose_shift=4, pose_ramp=0.5, occlusion_fraction=0.4, blur_sigma=1.2,
+  )

@@ -1,0 +1,1 @@
+"""Experiments that run the face task directly (no checkpoints) and print tables."""

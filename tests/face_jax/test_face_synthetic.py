@@ -1,0 +1,120 @@
+"""Synthetic biased faces: determinism, split disjointness, group mix, pairs, sampling."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from face_jax.data import sampling, synthetic, variations
+
+
+def _cfg(**kw):
+  c = ml_collections.ConfigDict(synthetic.default_config())
+  c.update({**dict(num_train_ids=100, group_fractions=(0.8, 0.15, 0.05), meta_ids_per_group=4,
+                   meta_images_per_id=3, test_ids_per_group=6, test_images_per_id=6,
+                   pairs_per_cell=40, image_size=16), **kw})
+  return c
+
+
+def test_examples_are_pure_functions_of_seed_split_index():
+  a, b = synthetic.SyntheticFaces(_cfg(), 7), synthetic.SyntheticFaces(_cfg(), 7)
+  idx = np.array([5, 0, 33, 5])
+  for split in ("train", "meta", "test"):
+    x, y = a.examples(split, idx), b.examples(split, idx[::-1])
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k][::-1])
+    single = a.example(split, 33)
+    for k in x:                       # batch rendering == one-at-a-time rendering
+      np.testing.assert_array_equal(single[k], x[k][2])
+    np.testing.assert_array_equal(x["image"][0], x["image"][3])
+  other = synthetic.SyntheticFaces(_cfg(), 8).examples("train", idx)
+  assert not np.allclose(other["image"], a.examples("train", idx)["image"])
+  e = a.examples("train", np.arange(64))
+  assert e["image"].shape == (64, 16, 16, 3) and e["image"].dtype == np.float32
+  assert set(e) == {"image", "label", "group", "pose", "occlusion", "blur", "class_prior"}
+
+
+def test_splits_groups_and_identities():
+  cfg = _cfg()
+  f = synthetic.SyntheticFaces(cfg, 0)
+  assert np.bincount(f.train_groups).tolist() == [80, 15, 5]
+  train_ids, _ = f.identities("train", np.arange(len(f)))
+  assert np.array_equal(np.unique(train_ids), np.arange(100))
+  assert len(f) == f.train_counts.sum() and f.train_counts.min() >= 8 and f.train_counts.max() <= 16
+  # Meta: held-out images of training identities, balanced over groups.
+  meta = f.examples("meta", np.arange(f.size("meta")))
+  assert set(meta["label"]) <= set(range(100))
+  assert np.bincount(meta["group"]).tolist() == [12, 12, 12]
+  first = f.examples("train", [int(f.train_starts[meta["label"][0]])])
+  assert not np.allclose(first["image"][0], meta["image"][0])   # a different image
+  # Test identities are new; their codes differ from every training code.
+  test = f.test_set
+  assert set(test["label"]).isdisjoint(set(range(100)))
+  assert np.bincount(test["group"]).tolist() == [36, 36, 36]
+  train_codes = np.stack([f.identity_code(i, f.train_groups[i]) for i in range(100)])
+  for i in np.unique(test["label"]):
+    code = f.identity_code(i, 0)
+    assert np.min(np.abs(train_codes - code).sum(1)) > 1e-3
+  # Errors name the config key.
+  with pytest.raises(ValueError, match="meta_ids_per_group"):
+    synthetic.SyntheticFaces(_cfg(meta_ids_per_group=6), 0)
+  with pytest.raises(IndexError):
+    f.examples("test", [f.size("test")])
+
+
+def test_variation_rates_and_attributes():
+  f = synthetic.SyntheticFaces(_cfg(train_variation_rate=0.3), 1)
+  e = f.examples("train", np.arange(600))
+  for v in variations.VARIATIONS:
+    assert 0.2 < e[v].mean() < 0.4
+  clean = f.examples("train", [int(i) for i in np.flatnonzero(
+      (e["pose"] == 0) & (e["occlusion"] == 0) & (e["blur"] == 0))[:1]])
+  assert clean["image"].std() > 0.3
+  occluded = np.flatnonzero(e["occlusion"] == 1)[0]
+  rows = np.all(np.abs(e["image"][occluded]) < 0.3, axis=(1, 2))   # a near-constant band
+  assert rows.sum() >= int(0.4 * 16) - 1
+
+
+def test_variation_ops():
+  img = np.random.default_rng(0).normal(size=(8, 10, 2)).astype(np.float32)
+  shifted = variations.pose(img, +1, 2, 0.0)
+  np.testing.assert_array_equal(shifted[:, 2:], img[:, :-2])
+  np.testing.assert_array_equal(shifted[:, 0], img[:, 0])
+  ramp = variations.pose(np.zeros_like(img), -1, 0, 0.5)
+  np.testing.assert_allclose(ramp[0, [0, -1], 0], [0.5, -0.5])
+  np.testing.assert_array_equal(variations.occlusion(img, 2, 3)[2:5], 0)
+  blurred = variations.blur(img, 1.0)
+  assert blurred.shape == img.shape and blurred.std() < img.std()
+  np.testing.assert_allclose(variations.blur(np.ones_like(img), 1.0), 1.0, rtol=1e-6)
+
+
+def test_pairs_per_cell():
+  f = synthetic.SyntheticFaces(_cfg(test_variation_rate=0.4), 0)
+  t = f.test_set
+  clean = (t["pose"] == 0) & (t["occlusion"] == 0) & (t["blur"] == 0)
+  cells = f.test_pairs()
+  assert sorted(cells) == ["blur", "clean", "group0", "group1", "group2", "occlusion", "pose"]
+  for name, p in cells.items():
+    assert len(p.a) == 40 and p.issame.sum() == 20
+    assert np.all((t["label"][p.a] == t["label"][p.b]) == p.issame)
+    assert np.all(t["group"][p.a] == t["group"][p.b])       # impostors within a group
+    assert np.all(p.a != p.b)
+    if name.startswith("group"):
+      assert np.all(t["group"][p.a] == int(name[-1]))
+    elif name != "clean":
+      assert np.all(t[name][p.a] == 1) and np.all(clean[p.b])
+  again = f.test_pairs()
+  assert all(np.array_equal(again[k].a, cells[k].a) for k in cells)
+
+
+def test_samplers():
+  s = sampling.EpochSampler(10, 4, seed=0)
+  seq = np.concatenate([s(j) for j in range(5)])            # 20 = two epochs
+  assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
+  np.testing.assert_array_equal(s(3), sampling.EpochSampler(10, 4, seed=0)(3))
+  groups = np.array([0] * 95 + [1] * 4 + [2] * 1)
+  g = sampling.GroupBalancedSampler(groups, 300, seed=0)
+  counts = np.bincount(groups[g(0)], minlength=3)
+  assert all(70 < c < 130 for c in counts)
+  assert sampling.process_rows(8, 1, 2) == slice(4, 8)
+  with pytest.raises(ValueError):
+    sampling.process_rows(9, 0, 2)
