@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """PyTorch tensors `keys` <-> Flax leaves `paths`, related by `kind`:
+  """One PyTorch tensor `key` <-> Flax leaves `paths`, related by `kind`:
 
   copy       same shape (embeddings, tokens, scalars)
   flat       a torch vector <-> any Flax shape of the same size (biases, LayerNorm)
@@ -50,7 +50,7 @@ class Rule:
   tied       a duplicate of a tensor another rule loads (the MLM decoder is tied to the
              word embeddings); checked for equality, optional in the source
   """
-  keys: tuple[str, ...]
+  key: str
   paths: tuple[Path, ...]
   kind: str
   n_in: int = 1
@@ -107,31 +107,31 @@ def _to_torch(rule: Rule, leaves: list[np.ndarray]) -> list[np.ndarray]:
 # --- rule tables -------------------------------------------------------------------------------
 
 def _linear(key: str, path: Path, n_in: int = 1) -> list[Rule]:
-  return [Rule((f"{key}.weight",), (path + ("kernel",),), "linear", n_in),
-          Rule((f"{key}.bias",), (path + ("bias",),), "flat")]
+  return [Rule(f"{key}.weight", (path + ("kernel",),), "linear", n_in),
+          Rule(f"{key}.bias", (path + ("bias",),), "flat")]
 
 
 def _norm(key: str, path: Path) -> list[Rule]:
-  return [Rule((f"{key}.weight",), (path + ("scale",),), "flat"),
-          Rule((f"{key}.bias",), (path + ("bias",),), "flat")]
+  return [Rule(f"{key}.weight", (path + ("scale",),), "flat"),
+          Rule(f"{key}.bias", (path + ("bias",),), "flat")]
 
 
 def vit_rules(cfg: ml_collections.ConfigDict, prefix: str, root: Path,
               mask_token: bool = True) -> list[Rule]:
   """timm / official `models/vit.py` naming."""
-  rules = [Rule((f"{prefix}cls_token",), (root + ("cls_token",),), "copy"),
-           Rule((f"{prefix}pos_embed",), (root + ("pos_embed",),), "pos_embed"),
-           Rule((f"{prefix}patch_embed.proj.weight",), (root + ("patch_embed", "kernel"),), "conv"),
-           Rule((f"{prefix}patch_embed.proj.bias",), (root + ("patch_embed", "bias"),), "flat")]
+  rules = [Rule(f"{prefix}cls_token", (root + ("cls_token",),), "copy"),
+           Rule(f"{prefix}pos_embed", (root + ("pos_embed",),), "pos_embed"),
+           Rule(f"{prefix}patch_embed.proj.weight", (root + ("patch_embed", "kernel"),), "conv"),
+           Rule(f"{prefix}patch_embed.proj.bias", (root + ("patch_embed", "bias"),), "flat")]
   if mask_token:
-    rules.append(Rule((f"{prefix}mask_token",), (root + ("mask_token",),), "copy"))
+    rules.append(Rule(f"{prefix}mask_token", (root + ("mask_token",),), "copy"))
   for i in range(cfg.vit.depth):
     k, p = f"{prefix}blocks.{i}", root + (f"block_{i}",)
     attn = p + ("attn",)
     rules += _norm(f"{k}.norm1", p + ("norm1",))
-    rules.append(Rule((f"{k}.attn.qkv.weight",),
+    rules.append(Rule(f"{k}.attn.qkv.weight",
                       tuple(attn + (n, "kernel") for n in ("query", "key", "value")), "qkv"))
-    rules.append(Rule((f"{k}.attn.qkv.bias",),
+    rules.append(Rule(f"{k}.attn.qkv.bias",
                       tuple(attn + (n, "bias") for n in ("query", "key", "value")), "qkv_bias"))
     rules += _linear(f"{k}.attn.proj", attn + ("out",), n_in=2)
     rules += _norm(f"{k}.norm2", p + ("norm2",))
@@ -152,9 +152,9 @@ def bert_rules(cfg: ml_collections.ConfigDict, prefix: str, root: Path,
                cross_attention: bool = True) -> list[Rule]:
   """BERT naming (`{prefix}embeddings.*`, `{prefix}encoder.layer.i.*`), BLIP med layout."""
   emb = root + ("embeddings",)
-  rules = [Rule((f"{prefix}embeddings.word_embeddings.weight",),
+  rules = [Rule(f"{prefix}embeddings.word_embeddings.weight",
                 (emb + ("word_embeddings", "embedding"),), "copy"),
-           Rule((f"{prefix}embeddings.position_embeddings.weight",),
+           Rule(f"{prefix}embeddings.position_embeddings.weight",
                 (emb + ("position_embeddings", "embedding"),), "copy")]
   rules += _norm(f"{prefix}embeddings.LayerNorm", emb + ("layer_norm",))
   for i in range(cfg.bert.layers):
@@ -175,10 +175,10 @@ def mlm_rules(prefix: str, root: Path) -> list[Rule]:
   head = root + ("mlm_head",)
   rules = _linear(f"{prefix}predictions.transform.dense", head + ("transform",))
   rules += _norm(f"{prefix}predictions.transform.LayerNorm", head + ("layer_norm",))
-  rules.append(Rule((f"{prefix}predictions.bias",), (head + ("bias",),), "flat"))
-  rules.append(Rule((f"{prefix}predictions.decoder.weight",),
+  rules.append(Rule(f"{prefix}predictions.bias", (head + ("bias",),), "flat"))
+  rules.append(Rule(f"{prefix}predictions.decoder.weight",
                     (root + ("embeddings", "word_embeddings", "embedding"),), "tied"))
-  rules.append(Rule((f"{prefix}predictions.decoder.bias",), (head + ("bias",),), "tied"))
+  rules.append(Rule(f"{prefix}predictions.decoder.bias", (head + ("bias",),), "tied"))
   return rules
 
 
@@ -202,7 +202,7 @@ def official_rules(cfg: ml_collections.ConfigDict) -> list[Rule]:
       if wanted(flax_key):
         rules += _linear(f"{name}{suffix}", (tree, flax_key))
     if online:
-      rules.append(Rule(("temp",), ((tree, "temp"),), "copy"))
+      rules.append(Rule("temp", ((tree, "temp"),), "copy"))
   return rules
 
 
@@ -301,7 +301,7 @@ def apply_rules(state: StateDict, rules: Iterable[Rule], expected: Mapping[Path,
   for rule in (r for r in rules if r.kind != "tied"):
     shapes = [tuple(expected[p]) for p in rule.paths]
     (want,) = _torch_shapes(rule, shapes)
-    (key,) = rule.keys
+    key = rule.key
     if key not in state:
       if key not in optional:
         problems.append(f"missing key {key}: model expects shape {want}")
@@ -323,7 +323,7 @@ def apply_rules(state: StateDict, rules: Iterable[Rule], expected: Mapping[Path,
         problems.append(f"{key}: Flax leaf {'/'.join(path)} is filled twice")
       out[path] = leaf
   for rule in (r for r in rules if r.kind == "tied"):
-    (key,), (path,) = rule.keys, rule.paths
+    key, (path,) = rule.key, rule.paths
     if key not in state:
       continue   # a tie is implied; checkpoints may or may not store the duplicate
     used.add(key)
@@ -426,8 +426,7 @@ def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any]
     flat.update({(name,) + k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
   out = {}
   for rule in official_rules(cfg):
-    (key,) = rule.keys
-    (out[key],) = _to_torch(rule, [flat[p] for p in rule.paths])
+    (out[rule.key],) = _to_torch(rule, [flat[p] for p in rule.paths])
   positions = np.arange(cfg.bert.max_position, dtype=np.int64)[None]
   for suffix in ("", "_m"):
     out[f"text_encoder{suffix}.bert.embeddings.position_ids"] = positions

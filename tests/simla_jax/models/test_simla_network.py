@@ -12,6 +12,7 @@ from configs.simla_model import model_config
 from simla_jax.models import (MOMENTUM_MODULES, SIMLA, abstract_params, clamp_temperature,
                               count_params, dummy_inputs, ema_update, init_momentum, init_params,
                               init_queues)
+from simla_torch_refs import ref_config
 from train_jax import sharding
 
 
@@ -71,7 +72,7 @@ def test_forward_shapes_and_dtype():
 
 
 def test_momentum_ema_and_queues():
-  cfg = model_config("tiny")
+  cfg = ref_config()
   params = nn.meta.unbox(init_params(SIMLA(cfg), jax.random.key(0)))
   params_m = init_momentum(params)
   assert sorted(params_m) == sorted(MOMENTUM_MODULES)
@@ -83,7 +84,7 @@ def test_momentum_ema_and_queues():
   # The momentum tree runs every method it has weights for.
   images, ids, mask = dummy_inputs(cfg, batch=1)
   seq = SIMLA(cfg).apply({"params": params_m}, images, method="embed_image")
-  assert seq.shape == (1, 5, 64)
+  assert seq.shape == (1, 1 + (cfg.image_size // cfg.patch_size) ** 2, cfg.vit.width)
   queues = init_queues(jax.random.key(1), 64, cfg.embed_dim)
   assert queues["image_queue"].shape == queues["text_queue"].shape == (64, cfg.embed_dim)
   np.testing.assert_allclose(jnp.linalg.norm(queues["text_queue"], axis=-1), 1.0, rtol=1e-5)

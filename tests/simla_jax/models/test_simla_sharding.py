@@ -1,7 +1,6 @@
 """Logical sharding: SIMLA initialised on an 8-device (fsdp=4, model=2) mesh computes the
 same function as on one device, with its parameters actually split."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
