@@ -167,13 +167,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
   return train_step
 
 
-def make_task(config, mesh) -> Task:
-  del mesh  # shardings come from the params' logical axis names
-  check_config(config)
-  tokenizer = pipeline.make_tokenizer(config.data)
-  targeter = mim_targets.MimTargeter(config.data.mim)
-  model = SIMLA(resolve_model_config(config, tokenizer, targeter))
-  tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
+def make_init(config, model: SIMLA, tx, targeter):
+  """rng -> TrainState with params, momentum copies, ITC queues and frozen MIM targets."""
 
   def init(rng):
     k_params, k_queues, k_state = jax.random.split(rng, 3)
@@ -183,6 +178,17 @@ def make_task(config, mesh) -> Task:
                   **init_queues(k_queues, config.queue_size, model.config.embed_dim))
     return TrainState.create(params=params, tx=tx, rng=k_state, extras=extras)
 
+  return init
+
+
+def make_task(config, mesh) -> Task:
+  del mesh  # shardings come from the params' logical axis names
+  check_config(config)
+  tokenizer = pipeline.make_tokenizer(config.data)
+  targeter = mim_targets.MimTargeter(config.data.mim)
+  model = SIMLA(resolve_model_config(config, tokenizer, targeter))
+  tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
+  init = make_init(config, model, tx, targeter)
   train_data = pipeline.make_train_iterator(
       config.data, batch_size=config.batch_size // jax.process_count(), tokenizer=tokenizer)
   evaluator = retrieval.Evaluator(model, config.eval, config.data, tokenizer)

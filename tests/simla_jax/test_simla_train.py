@@ -1,0 +1,66 @@
+"""SIMLA pretraining end to end on a tiny config, and the retrieval metrics."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import simla as simla_config
+from simla_jax import retrieval
+from simla_jax import train as simla_train
+from train_jax import loop
+from train_jax import metrics as metrics_lib
+
+
+def test_recall_at_k_matches_hand_computed_ranks():
+  # 3 images, 2 captions each (0,1 -> img 0; 2,3 -> img 1; 4,5 -> img 2).
+  img2txt = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]
+  txt2img = np.array([0, 0, 1, 1, 2, 2])
+  score_i2t = np.array([[9, 1, 0, 0, 0, 0],      # img 0: its caption first  -> rank 0
+                        [9, 8, 7, 0, 0, 0],      # img 1: best own caption 3rd -> rank 2
+                        [0, 0, 0, 0, 0, 9.]])    # img 2: rank 0
+  score_t2i = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1.]])
+  r = retrieval.recall_at_k(score_i2t, score_t2i, img2txt, txt2img, ks=(1, 5))
+  assert r["tr_r1"] == pytest.approx(200 / 3)
+  assert r["tr_r5"] == 100.0
+  # Texts 1 and 4 rank their image second.
+  assert r["ir_r1"] == pytest.approx(400 / 6)
+  assert r["r_mean"] == pytest.approx(np.mean([200 / 3, 100, 400 / 6, 100]))
+
+
+def test_config_errors_name_the_key():
+  c = simla_config.get_config("tiny")
+  c.loss_weights.itx = 1.0
+  with pytest.raises(ValueError, match="itx"):
+    simla_train.check_config(c)
+  c = simla_config.get_config("tiny")
+  c.queue_size = 30
+  with pytest.raises(ValueError, match="queue_size"):
+    simla_train.check_config(c)
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_every_loss_falls(tmp_path):
+  c = simla_config.get_config("tiny")
+  c.alpha = 0.0                       # fixed targets, so losses at both ends are comparable
+  c.data.shapes.train_size = 16       # two batches, seen over and over
+  c.data.aug.train = False
+  c.total_steps = 40
+  c.log_every_steps = 1
+  c.eval_every_steps = 40
+  c.checkpoint_every_steps = 40
+  loop.train_and_evaluate(c, str(tmp_path), simla_train.make_task)
+
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  train = [r for r in rows if "train/loss" in r]
+  assert len(train) == 40
+  for name in simla_train.LOSSES:
+    series = np.array([r[f"train/{name}"] for r in train])
+    first, last = series[:5].mean(), series[-5:].mean()
+    assert last < first, f"{name}: {first:.4f} -> {last:.4f}"
+  evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+  assert {"eval/test_tr_r1", "eval/test_ir_r1", "eval/test_r_mean",
+          "eval/comp_tr_r1"} <= set(evals[-1])
+  assert all(0.0 <= v <= 100.0 for k, v in evals[-1].items() if k != "step")
+  for png in ("losses.png", "retrieval.png"):
+    assert os.path.getsize(tmp_path / png) > 1000
