@@ -136,6 +136,7 @@ class Bert(nn.Module):
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
 
@@ -143,7 +144,9 @@ class Bert(nn.Module):
     self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_position,
                                      self.layer_norm_eps, self.dropout, self.init_std, self.dtype)
     # static: deterministic, return_probs (argument 0 is self).
-    layer = nn.remat(BertLayer, static_argnums=(5, 6)) if self.remat else BertLayer
+    layer = (nn.remat(BertLayer, static_argnums=(5, 6),
+                      policy=layers.remat_policy(self.remat_policy))
+             if self.remat else BertLayer)
     self.layer = [layer(self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
                         self.layer_norm_eps, self.init_std, self.dtype, self.attention_impl)
                   for _ in range(self.num_layers)]

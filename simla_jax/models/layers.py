@@ -46,6 +46,24 @@ def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNor
                       name=name)
 
 
+# `nn.remat` policies by name (config.model.remat_policy): what a rematerialised layer keeps
+# from its forward pass for the backward pass; everything else is recomputed.
+#   nothing_saveable                  only the layer inputs (least memory, one extra forward)
+#   dots_with_no_batch_dims_saveable  also the weight matmuls (projections, MLP); attention
+#                                     scores/probabilities, GELU and LayerNorm recomputed
+#   dots_saveable                     every matmul output, attention scores included
+#   everything_saveable               nothing recomputed (the same as no remat)
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+  """The `jax.checkpoint_policies` entry of one of REMAT_POLICIES."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {name!r}: expected one of {', '.join(REMAT_POLICIES)}")
+  return getattr(jax.checkpoint_policies, name)
+
+
 def mask_to_bias(mask: jax.Array) -> jax.Array:
   """Key padding mask (b, k) of 1 = attend / 0 = ignore -> additive bias (b, 1, 1, k)."""
   return ((1.0 - mask.astype(jnp.float32)) * MASK_BIAS)[:, None, None, :]

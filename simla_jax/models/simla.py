@@ -47,17 +47,20 @@ class SIMLA(nn.Module):
       raise ValueError(f"SIMLA needs vit.width == bert.hidden (image-query mode feeds ViT "
                        f"tokens to BERT), got {c.vit.width} and {c.bert.hidden}")
     dtype = jnp.dtype(c.dtype)
+    # What a rematerialised layer saves (layers.REMAT_POLICIES); a config without the key
+    # gets full rematerialisation, what `remat=True` meant before the key existed.
+    remat_policy = c.get("remat_policy", "nothing_saveable")
     self.vit = vit_lib.VisionTransformer(
         image_size=c.image_size, patch_size=c.patch_size, width=c.vit.width, depth=c.vit.depth,
         heads=c.vit.heads, mlp_dim=c.vit.mlp_dim, layer_norm_eps=c.vit.layer_norm_eps,
         drop_path_rate=c.vit.drop_path, use_mask_token=c.use_mask_token, init_std=c.init_std,
-        remat=c.remat, dtype=dtype, attention_impl=c.attention_impl)
+        remat=c.remat, remat_policy=remat_policy, dtype=dtype, attention_impl=c.attention_impl)
     self.bert = bert_lib.Bert(
         vocab_size=c.bert.vocab_size, hidden=c.bert.hidden, num_layers=c.bert.layers,
         heads=c.bert.heads, ffn=c.bert.ffn, max_position=c.bert.max_position,
         dropout=c.bert.dropout, attention_dropout=c.bert.attention_dropout,
-        layer_norm_eps=c.bert.layer_norm_eps, init_std=c.init_std, remat=c.remat, dtype=dtype,
-        attention_impl=c.attention_impl)
+        layer_norm_eps=c.bert.layer_norm_eps, init_std=c.init_std, remat=c.remat,
+        remat_policy=remat_policy, dtype=dtype, attention_impl=c.attention_impl)
     width, hidden = c.vit.width, c.bert.hidden
     self.vision_proj = _head(c.embed_dim, width, ("embed", None), dtype)
     self.text_proj = _head(c.embed_dim, hidden, ("embed", None), dtype)

@@ -65,6 +65,7 @@ class VisionTransformer(nn.Module):
   use_mask_token: bool = True
   init_std: float = 0.02
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
 
@@ -114,7 +115,8 @@ class VisionTransformer(nn.Module):
                         axis=1)
     x = x + pos.astype(x.dtype)
 
-    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    block = (nn.remat(Block, static_argnums=(2,), policy=layers.remat_policy(self.remat_policy))
+             if self.remat else Block)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)   # stochastic-depth ramp
     for i in range(self.depth):
       x = block(self.heads, self.mlp_dim, self.layer_norm_eps, float(rates[i]), self.init_std,
