@@ -94,10 +94,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.schedule.warmup_steps = 5
     return c
 
-  c.model.vit.update(width=128, depth=4, heads=4, mlp_dim=512)
-  c.model.bert.update(hidden=128, layers=4, heads=4, ffn=512)
+  c.data.max_len = 24                 # 90 % of shapes captions fit
+  c.model.vit.update(width=128, depth=3, heads=4, mlp_dim=512)
+  c.model.bert.update(hidden=128, layers=3, heads=4, ffn=512)
   c.model.embed_dim = 64
-  c.batch_size = 64
+  c.batch_size = 32
+  c.queue_size = 2048
   c.total_steps = 1200
   c.log_every_steps = 25
   c.eval_every_steps = 400
