@@ -74,10 +74,13 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None, kv: jax.Array | None = None,
                kv_bias: jax.Array | None = None, deterministic: bool = True,
-               return_probs: bool = False):
+               return_probs: bool = False, queries: int | None = None):
     """x: (b, l, hidden); bias: (b, 1, 1, l); kv: (b, k, d_kv); kv_bias: (b, 1, 1, k).
 
-    Returns (x, self-attention probabilities (b, heads, l, l) or None).
+    `queries`: compute only the first `queries` positions (their self-attention still
+    reads all l positions); the rest of the sequence is dropped. Returns
+    (x (b, q, hidden), self-attention probabilities (b, heads, q, l) or None), q = l or
+    `queries`.
     """
     init = nn.initializers.normal(self.init_std)
 
@@ -89,10 +92,11 @@ class BertLayer(nn.Module):
       h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
       return layers.layer_norm(self.layer_norm_eps, self.dtype, name)(h + skip)
 
-    out = attention("attention")(x, x, bias, deterministic=deterministic,
+    q = x if queries is None else x[:, :queries]
+    out = attention("attention")(q, x, bias, deterministic=deterministic,
                                  return_probs=return_probs)
     out, probs = out if return_probs else (out, None)
-    x = residual(out, x, "attention_norm")
+    x = residual(out, q, "attention_norm")
     if kv is not None:
       out = attention("crossattention")(x, kv.astype(self.dtype), kv_bias,
                                         deterministic=deterministic)
@@ -143,8 +147,8 @@ class Bert(nn.Module):
   def setup(self):
     self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_position,
                                      self.layer_norm_eps, self.dropout, self.init_std, self.dtype)
-    # static: deterministic, return_probs (argument 0 is self).
-    layer = (nn.remat(BertLayer, static_argnums=(5, 6),
+    # static: deterministic, return_probs, queries (argument 0 is self).
+    layer = (nn.remat(BertLayer, static_argnums=(5, 6, 7),
                       policy=layers.remat_policy(self.remat_policy))
              if self.remat else BertLayer)
     self.layer = [layer(self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
@@ -160,7 +164,7 @@ class Bert(nn.Module):
 
   def encode(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
              kv_mask: jax.Array | None = None, *, deterministic: bool = True,
-             attention_layer: int | None = None):
+             attention_layer: int | None = None, cls_only: bool = False):
     """Runs all layers over embedded queries.
 
     Args:
@@ -170,8 +174,12 @@ class Bert(nn.Module):
       kv_mask: (b, k) padding mask of `kv`; None = all valid.
       attention_layer: index (negative counts from the end) of the layer whose
         self-attention probabilities to return.
+      cls_only: the last layer computes the first position only (whose attention reads
+        every position): the same first row for 1/num_layers less work, when only the
+        [CLS] output (ITC, ITM) or the last layer's [CLS] attention row (PSL) is used.
     Returns:
-      (b, l, hidden), and with `attention_layer` also the probabilities (b, heads, l, l).
+      (b, l, hidden), and with `attention_layer` also the probabilities (b, heads, l, l);
+      with `cls_only`, (b, 1, hidden) and (b, heads, 1, l) for the last layer.
     """
     bias = None if mask is None else layers.mask_to_bias(mask)
     kv_bias = None if kv is None or kv_mask is None else layers.mask_to_bias(kv_mask)
@@ -181,8 +189,10 @@ class Bert(nn.Module):
                          f"{self.num_layers} layers")
       attention_layer %= self.num_layers
     probs = None
+    last = self.num_layers - 1
     for i, layer in enumerate(self.layer):
-      x, p = layer(x, bias, kv, kv_bias, deterministic, i == attention_layer)
+      x, p = layer(x, bias, kv, kv_bias, deterministic, i == attention_layer,
+                   1 if cls_only and i == last else None)
       if i == attention_layer:
         probs = p
     return x if attention_layer is None else (x, probs)
@@ -192,7 +202,9 @@ class Bert(nn.Module):
     return self.mlm_head(seq, self.embeddings.word_table())
 
   def __call__(self, ids: jax.Array, mask: jax.Array, kv: jax.Array | None = None,
-               kv_mask: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
-    """Text mode without `kv`, multimodal mode with it: (b, l) ids -> (b, l, hidden)."""
+               kv_mask: jax.Array | None = None, *, deterministic: bool = True,
+               cls_only: bool = False) -> jax.Array:
+    """Text mode without `kv`, multimodal mode with it: (b, l) ids -> (b, l, hidden)
+    ((b, 1, hidden) with `cls_only`, see `encode`)."""
     x = self.embed(ids, deterministic=deterministic)
-    return self.encode(x, mask, kv, kv_mask, deterministic=deterministic)
+    return self.encode(x, mask, kv, kv_mask, deterministic=deterministic, cls_only=cls_only)

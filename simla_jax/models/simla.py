@@ -75,22 +75,35 @@ class SIMLA(nn.Module):
     """images (b, H, W, 3) normalized; patch_mask bool (b, N) -> image sequence (b, 1+N, width)."""
     return self.vit(images, patch_mask, deterministic=deterministic)
 
-  def embed_text(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """Text mode (self-attention only): ids, mask (b, l) -> (b, l, hidden)."""
-    return self.bert(ids, mask, deterministic=deterministic)
+  def embed_text(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 cls_only: bool = False) -> jax.Array:
+    """Text mode (self-attention only): ids, mask (b, l) -> (b, l, hidden).
+
+    `cls_only`: (b, 1, hidden), the [CLS] row alone, with the last layer computed for
+    that row only (enough for `text_feature`; see `Bert.encode`).
+    """
+    return self.bert(ids, mask, deterministic=deterministic, cls_only=cls_only)
 
   def fuse(self, ids: jax.Array, mask: jax.Array, image_seq: jax.Array,
-           image_mask: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
-    """Multimodal mode, text queries cross-attending to the image: -> (b, l, hidden)."""
-    return self.bert(ids, mask, image_seq, image_mask, deterministic=deterministic)
+           image_mask: jax.Array | None = None, *, deterministic: bool = True,
+           cls_only: bool = False) -> jax.Array:
+    """Multimodal mode, text queries cross-attending to the image: -> (b, l, hidden);
+    `cls_only`: (b, 1, hidden), enough for `itm_logits` (see `embed_text`)."""
+    return self.bert(ids, mask, image_seq, image_mask, deterministic=deterministic,
+                     cls_only=cls_only)
 
   def fuse_with_attention(self, ids: jax.Array, mask: jax.Array, image_seq: jax.Array,
                           image_mask: jax.Array | None = None, *, layer: int = -1,
-                          deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """`fuse` plus the self-attention probabilities (b, heads, l, l) of `layer` (PSL)."""
+                          deterministic: bool = True,
+                          cls_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`fuse` plus the self-attention probabilities (b, heads, l, l) of `layer` (PSL).
+
+    `cls_only`: the last layer's [CLS] row only, (b, 1, hidden) and, when `layer` is the
+    last, probabilities (b, heads, 1, l): all PSL reads.
+    """
     x = self.bert.embed(ids, deterministic=deterministic)
     return self.bert.encode(x, mask, image_seq, image_mask, deterministic=deterministic,
-                            attention_layer=layer)
+                            attention_layer=layer, cls_only=cls_only)
 
   def token_embeddings(self, ids: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """Non-contextual token embeddings (word + position, LayerNorm, dropout): (b, l, hidden)."""
