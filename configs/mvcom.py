@@ -26,10 +26,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.family = "mvcom"
   c.seed = 0
   c.batch_size = 128
-  c.total_steps = 800
+  c.total_steps = 500
   c.log_every_steps = 25
-  c.eval_every_steps = 400
-  c.checkpoint_every_steps = 400
+  c.eval_every_steps = 250
+  c.checkpoint_every_steps = 250
 
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.05
@@ -56,10 +56,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       tint=0.3,                  # per-group colour offset range
       jitter=0.35,               # intra-identity code noise
       pixel_noise=0.05,
-      group_fractions=(0.80, 0.17, 0.03),   # training identity mix
-      group_spread=(1.0, 0.7, 0.5),         # identity-code scale per group
-      group_specificity=(0.0, 0.6, 0.8),    # weight of each group's own render subspace
-      num_train_ids=600, images_per_id=(8, 16),
+      group_fractions=(0.82, 0.15, 0.03),   # training identity mix
+      group_spread=(1.0, 1.0, 1.0),         # identity-code scale per group
+      group_specificity=(0.0, 0.7, 0.9),    # weight of each group's own render subspace
+      num_train_ids=2000, images_per_id=(4, 8),
       meta_ids_per_group=12, meta_images_per_id=4,
       test_ids_per_group=150, test_images_per_id=10, pairs_per_cell=3000,
       train_variation_rate=0.1, meta_variation_rate=0.5, test_variation_rate=0.3,
@@ -98,7 +98,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       attr_loss_weight=0.1,      # attribute-head loss weight (predicted)
       bound=0.3,                 # largest margin offset per factor
       class_bound=0.0,           # largest class-prior offset (0: no class term)
-      meta_lr=3e-3,              # Adam on the margin parameters
+      center=True,               # subtract the batch mean offset (learn relative margins)
+      meta_lr=1e-2,              # Adam on the margin parameters
       meta_weight_decay=0.0,
       meta_every=1,              # bilevel update every k steps
       virtual_lr_scale=1.0,      # virtual step size = scale * current learning rate

@@ -134,8 +134,13 @@ class Steps:
     """(b,) margins of the training batch (or the scalar m0)."""
     method = self.config.method
     if method == "mvcom":
-      return self.margin_model.apply({"params": phi}, self.attributes(batch, attr_logits),
-                                     batch.get("class_prior"))
+      m = self.margin_model.apply({"params": phi}, self.attributes(batch, attr_logits),
+                                  batch.get("class_prior"))
+      if self.config.mvcom.center:
+        # Only relative margins are learned: a common shift of all margins mostly acts
+        # as a larger step size, which a one-step look-ahead always prefers.
+        m = m - jnp.mean(m) + self.m0
+      return m
     if method == "fixed_group_margins":
       return mvcom_lib.fixed_group_margins(batch["group"], self.m0, self.config.fixed_group_margins)
     return self.m0

@@ -29,7 +29,6 @@ variation, pairs of one image with that variation against a clean one; plus clea
 
 import dataclasses
 import functools
-from typing import Mapping
 
 import numpy as np
 
@@ -101,13 +100,15 @@ class SyntheticFaces:
     self.train_starts = np.concatenate([[0], np.cumsum(self.train_counts)])
     self.class_prior = mvcom.class_prior(self.train_counts)
     # Meta identities: a balanced subset of the training identities.
-    self.meta_ids = np.concatenate([
-        _rng(self.seed, _SALT["meta_ids"], g).choice(np.flatnonzero(self.train_groups == g),
-                                                     cfg.meta_ids_per_group, replace=False)
-        if (self.train_groups == g).sum() >= cfg.meta_ids_per_group else
-        _raise(f"data.meta_ids_per_group={cfg.meta_ids_per_group} exceeds the "
-               f"{(self.train_groups == g).sum()} training identities of group {g}")
-        for g in range(self.num_groups)])
+    meta_ids = []
+    for g in range(self.num_groups):
+      members = np.flatnonzero(self.train_groups == g)
+      if len(members) < cfg.meta_ids_per_group:
+        raise ValueError(f"data.meta_ids_per_group={cfg.meta_ids_per_group} exceeds the "
+                         f"{len(members)} training identities of group {g}")
+      meta_ids.append(_rng(self.seed, _SALT["meta_ids"], g).choice(
+          members, cfg.meta_ids_per_group, replace=False))
+    self.meta_ids = np.concatenate(meta_ids)
     self.test_groups = np.repeat(np.arange(self.num_groups), cfg.test_ids_per_group)
 
   # --- sizes and identities ------------------------------------------------------------
@@ -193,34 +194,29 @@ class SyntheticFaces:
 
   def test_pairs(self) -> dict[str, Pairs]:
     """Cells of `pairs_per_cell` pairs (half genuine): 'group<g>', each variation, 'clean'."""
-    cfg, n = self.cfg, self.cfg.pairs_per_cell
+    n = self.cfg.pairs_per_cell
     meta = {k: v for k, v in self.test_set.items() if k != "image"}
     ident, group = meta["label"], meta["group"]
     clean = (meta["pose"] == 0) & (meta["occlusion"] == 0) & (meta["blur"] == 0)
-    cells = {f"group{g}": (group == g, group == g, np.full(len(group), g))
-             for g in range(self.num_groups)}
+    cells = {f"group{g}": (group == g, group == g) for g in range(self.num_groups)}
     for v in variations.VARIATIONS:
-      cells[v] = (meta[v] == 1, clean, group)
-    cells["clean"] = (clean, clean, group)
+      cells[v] = (meta[v] == 1, clean)
+    cells["clean"] = (clean, clean)
     out = {}
-    for c_i, (name, (mask_a, mask_b, _)) in enumerate(cells.items()):
+    for c_i, (name, (mask_a, mask_b)) in enumerate(cells.items()):
       rng = _rng(self.seed, _SALT["pairs"], c_i)
       out[name] = _sample_pairs(rng, ident, group, mask_a, mask_b, n)
     return out
-
-
-def _raise(msg):
-  raise ValueError(msg)
 
 
 def _sample_pairs(rng, ident, group, mask_a, mask_b, n) -> Pairs:
   """n/2 genuine pairs (same identity, a from mask_a, b from mask_b, a != b) and n/2
   impostor pairs (different identities of the same group), in random order."""
   cand_a = np.flatnonzero(mask_a)
-  by_id_b: dict[int, np.ndarray] = {}
+  by_id_b: dict[int, list] = {}
   for i in np.flatnonzero(mask_b):
     by_id_b.setdefault(int(ident[i]), []).append(i)
-  by_group_b: dict[int, np.ndarray] = {}
+  by_group_b: dict[int, list] = {}
   for i in np.flatnonzero(mask_b):
     by_group_b.setdefault(int(group[i]), []).append(i)
   genuine_a = [i for i in cand_a if any(j != i for j in by_id_b.get(int(ident[i]), []))]
@@ -243,19 +239,3 @@ def _sample_pairs(rng, ident, group, mask_a, mask_b, n) -> Pairs:
     a.append(i); b.append(j); same.append(False)
   order = rng.permutation(n)
   return Pairs(np.asarray(a)[order], np.asarray(b)[order], np.asarray(same)[order])
-
-
-def default_config() -> Mapping:
-  """The synthetic world's fields with their defaults (configs/mvcom.py copies these)."""
-  return dict(
-      name="synthetic",
-      image_size=24, channels=3, frequencies=6, code_dim=16, gain=1.5, tint=0.3,
-      jitter=0.35, pixel_noise=0.05,
-      group_fractions=(0.80, 0.17, 0.03), group_spread=(1.0, 0.7, 0.5),
-      group_specificity=(0.0, 0.6, 0.8),
-      num_train_ids=500, images_per_id=(8, 16),
-      meta_ids_per_group=20, meta_images_per_id=4,
-      test_ids_per_group=150, test_images_per_id=10, pairs_per_cell=3000,
-      train_variation_rate=0.1, meta_variation_rate=0.5, test_variation_rate=0.3,
-      pose_shift=4, pose_ramp=0.5, occlusion_fraction=0.4, blur_sigma=1.2,
-  )

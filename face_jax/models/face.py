@@ -31,7 +31,7 @@ class FaceModel(nn.Module):
     self.classifier = CosineClassifier(self.num_classes)
     if self.attribute_dims:
       self.attributes = nn.Dense(
-          self.attribute_dims, dtype=jnp.float32,
+          self.attribute_dims,
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 

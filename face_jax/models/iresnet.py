@@ -154,17 +154,19 @@ class IResNet(nn.Module):
         x = block_cls(width, strides=2 if i == 0 else 1, dtype=self.dtype,
                       name=f"layer{stage + 1}_{i}")(x, train)
     x = _batch_norm(train, self.dtype, "bn2")(x)
-    # Head in float32, as arcface_torch runs the fc outside fp16 autocast.
-    x = x.astype(jnp.float32).reshape(x.shape[0], -1)   # (b, h*w*c), NHWC order
+    # Head in float32 (float64 if the trunk is), as arcface_torch runs the fc outside
+    # fp16 autocast.
+    head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    x = x.astype(head_dtype).reshape(x.shape[0], -1)   # (b, h*w*c), NHWC order
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     fan_in = x.shape[-1]
-    x = nn.Dense(self.embed_dim, dtype=jnp.float32,
+    x = nn.Dense(self.embed_dim, dtype=head_dtype,
                  kernel_init=nn.with_logical_partitioning(
                      nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
                      (None, "embed")),
                  bias_init=nn.with_logical_partitioning(_torch_linear_bias_init(fan_in), ("embed",)),
                  name="fc")(x)
-    return _batch_norm(train, jnp.float32, "features", use_scale=False)(x)
+    return _batch_norm(train, head_dtype, "features", use_scale=False)(x)
 
 
 def iresnet(arch: str, **kwargs) -> IResNet:

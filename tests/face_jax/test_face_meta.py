@@ -76,9 +76,9 @@ def test_meta_gradient_matches_central_differences_float64():
     lr = 0.5
     for arc in (False, True):
       train_loss = lambda t, p: jnp.mean(per_example(t, p, arc))
-      value, grad = meta.lookahead_meta_grad(phi, theta, train_loss, meta_loss, lr)
-      f = lambda p: meta.lookahead_meta_loss(p, theta, train_loss, meta_loss, lr)
-      fd = _central_differences(jax.jit(f), phi, 1e-5)
+      value, grad = jax.jit(lambda p: meta.lookahead_meta_grad(p, theta, train_loss, meta_loss, lr))(phi)
+      f = jax.jit(lambda p: meta.lookahead_meta_loss(p, theta, train_loss, meta_loss, lr))
+      fd = _central_differences(f, phi, 1e-5)
       g = _flat(grad)
       assert np.linalg.norm(g) > 1e-4   # the check is not vacuous
       rel = np.linalg.norm(g - fd) / np.linalg.norm(fd)
@@ -94,22 +94,28 @@ def test_first_order_shortcut_gives_no_signal():
     g = jax.lax.stop_gradient(jax.grad(train_loss)(theta, p))
     return meta_loss(meta.sgd_lookahead(theta, g, 0.5))
 
-  assert np.all(_flat(jax.grad(first_order)(phi)) == 0)
-  _, grad = meta.lookahead_meta_grad(phi, theta, train_loss, meta_loss, 0.5)
+  assert np.all(_flat(jax.jit(jax.grad(first_order))(phi)) == 0)
+  _, grad = jax.jit(lambda p: meta.lookahead_meta_grad(p, theta, train_loss, meta_loss, 0.5))(phi)
   assert np.linalg.norm(_flat(grad)) > 0
 
 
 def test_l2rw_weights_match_explicit_per_example_gradients():
   theta, phi, per_example, meta_loss = _problem(jnp.float32)
   losses = lambda t: per_example(t, phi)
-  # Explicit: one gradient per example, dotted with the meta-batch gradient.
-  g_meta = _flat(jax.grad(meta_loss)(theta)).astype(np.float64)
+  # Explicit: one gradient per example (rows of the reverse-mode Jacobian), dotted
+  # with the meta-batch gradient.
+  g_meta = _flat(jax.jit(jax.grad(meta_loss))(theta)).astype(np.float64)
+  jac = jax.jit(jax.jacrev(losses))(theta)
   n = losses(theta).shape[0]
-  scores = np.array([_flat(jax.grad(lambda t: losses(t)[i])(theta)) @ g_meta for i in range(n)])
+  rows = np.concatenate([np.asarray(x).reshape(n, -1) for x in jax.tree.leaves(jac)], 1)
+  scores = rows.astype(np.float64) @ g_meta
   assert (scores > 0).any() and (scores < 0).any()   # clamping is exercised
   want = np.maximum(scores, 0) / np.maximum(scores, 0).sum()
-  np.testing.assert_allclose(meta.l2rw_weights(theta, losses, meta_loss), want, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(meta.l2rw_weights_lookahead(theta, losses, meta_loss), want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda t: meta.l2rw_weights(t, losses, meta_loss))(theta),
+                             want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda t: meta.l2rw_weights_lookahead(t, losses, meta_loss))(theta),
+                             want, rtol=1e-4, atol=1e-6)
   # All scores negative -> all weights zero (no division by zero).
-  w = meta.l2rw_weights(theta, lambda t: -losses(t) * 0 - jnp.sum(t["b1"]) * jnp.ones(n), lambda t: jnp.sum(t["b1"]))
+  w = jax.jit(lambda t: meta.l2rw_weights(t, lambda u: -jnp.sum(u["b1"]) * jnp.ones(n),
+                                          lambda u: jnp.sum(u["b1"])))(theta)
   assert np.all(np.asarray(w) == 0)

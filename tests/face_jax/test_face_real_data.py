@@ -53,7 +53,7 @@ def _config(tmp_path, arg):
 
 def test_real_data_task(tmp_path):
   _pack(tmp_path)
-  config = _config(tmp_path, "")
+  config = _config(tmp_path, "l2rw")   # a method with a meta batch (and a cheap compile)
   tx = optax.sgd(0.05, momentum=0.9)
   task = train.make_task_with(config, tx, optax.constant_schedule(0.05))
   batch = next(task.train_data)
@@ -74,7 +74,7 @@ def test_real_data_task(tmp_path):
   state = jax.jit(lambda r: nn.meta.unbox(task.init(r)))(jax.random.key(0))
   step = jax.jit(task.train_step)
   state, m = step(state, next(task.train_data))
-  assert np.isfinite(float(m["loss"])) and "margin_group1" in m
+  assert np.isfinite(float(m["loss"])) and 0 < float(m["weight_max"]) <= 1
   scores = task.evaluate(state)
   assert {"acc_grp_a", "acc_grp_b", "acc_worst_group", "group_gap"} <= set(scores)
   task.finish(state, str(tmp_path))

@@ -1,14 +1,14 @@
 """Synthetic biased faces: determinism, split disjointness, group mix, pairs, sampling."""
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import mvcom as mvcom_config
 from face_jax.data import sampling, synthetic, variations
 
 
 def _cfg(**kw):
-  c = ml_collections.ConfigDict(synthetic.default_config())
+  c = mvcom_config.get_config().data
   c.update({**dict(num_train_ids=100, group_fractions=(0.8, 0.15, 0.05), meta_ids_per_group=4,
                    meta_images_per_id=3, test_ids_per_group=6, test_images_per_id=6,
                    pairs_per_cell=40, image_size=16), **kw})
@@ -39,7 +39,9 @@ def test_splits_groups_and_identities():
   assert np.bincount(f.train_groups).tolist() == [80, 15, 5]
   train_ids, _ = f.identities("train", np.arange(len(f)))
   assert np.array_equal(np.unique(train_ids), np.arange(100))
-  assert len(f) == f.train_counts.sum() and f.train_counts.min() >= 8 and f.train_counts.max() <= 16
+  lo, hi = cfg.images_per_id
+  assert len(f) == f.train_counts.sum() and f.train_counts.min() >= lo and f.train_counts.max() <= hi
+  assert len(set(f.train_counts.tolist())) > 1          # a long tail, not a constant
   # Meta: held-out images of training identities, balanced over groups.
   meta = f.examples("meta", np.arange(f.size("meta")))
   assert set(meta["label"]) <= set(range(100))
