@@ -17,8 +17,9 @@ Pipelines (each the one the training run uses, on data made here, nothing downlo
 "per CPU-second" divides by the CPU time of this process, all threads (worker processes
 are off: --threads sets grain read threads), so it is the rate per core on a shared
 machine. With --results, each pipeline is compared with the latest step measurement
-of the same batch in that file (bench_simla.py / bench_mvcom.py --out): the ratio of
-examples per CPU-second of the input to those of the step (the target is >= 3).
+of the same batch in that file (bench_simla.py / bench_mvcom.py --out): on a CPU the
+ratio of examples per CPU-second of the input to those of the step (they share the
+cores; the target is >= 3), with an accelerator the ratio of wall examples/s.
 """
 
 import argparse
@@ -36,10 +37,11 @@ from PIL import Image  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 PIPELINES = ("simla_default", "simla_small", "simla_base", "face_synthetic", "face_rec")
-# Which step measurement (bench, size, row) each pipeline feeds.
-FEEDS = {"simla_default": ("simla", "default", None), "simla_small": ("simla", "small", None),
-         "simla_base": ("simla", "base", None), "face_synthetic": ("mvcom", "default", "mvcom"),
-         "face_rec": ("mvcom", "r100", "mvcom")}
+# Which step measurements (bench, sizes, row) each pipeline feeds.
+FEEDS = {"simla_default": ("simla", ("default",), None), "simla_small": ("simla", ("small",), None),
+         "simla_base": ("simla", ("base",), None),
+         "face_synthetic": ("mvcom", ("default",), "mvcom"),
+         "face_rec": ("mvcom", ("r18", "r50", "r100"), "mvcom")}
 
 
 def timed(next_batch, seconds: float) -> tuple[int, float, float]:
@@ -125,21 +127,26 @@ def face_rec(threads: int, tmp: str, batch: int = 128, n: int = 2048):
 
 
 def latest_step(path: str, name: str, batch: int):
-  """The latest step result feeding `name` at this batch: (examples per CPU-second, row)."""
+  """The latest step result feeding `name` at this batch, or None: (rate, on_cpu, record).
+
+  On a CPU the input and the step share the cores, so the rate is examples per
+  CPU-second; with an accelerator the step's rate is wall examples/s.
+  """
   if not path or not os.path.exists(path):
     return None
-  bench, size, row = FEEDS[name]
+  bench, sizes, row = FEEDS[name]
   found = None
   with open(path) as f:
     for line in f:
       r = json.loads(line)
-      if (r.get("bench") == bench and r.get("size") == size and r.get("batch") == batch
-          and (row is None or r.get("row") == row) and r.get("cpu_s")
-          and r.get("remat", "off") in ("off", False) and not r.get("memory_only")):
+      if (r.get("bench") == bench and r.get("size") in sizes and r.get("batch") == batch
+          and (row is None or r.get("row") == row) and r.get("step_s")
+          and not r.get("memory_only") and "ablation" not in r.get("label", "")):
         found = r
   if found is None:
     return None
-  return batch / found["cpu_s"], found
+  on_cpu = found.get("backend") == "cpu"
+  return (batch / found["cpu_s"] if on_cpu else batch / found["step_s"]), on_cpu, found
 
 
 def main(argv=None):
@@ -154,7 +161,7 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   load_before = common.load()
-  header = ["pipeline", "batch", "examples/s", "per CPU-s", "cores", "step per CPU-s",
+  header = ["pipeline", "batch", "examples/s", "per CPU-s", "cores", "step examples/s",
             "input/step"]
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -172,13 +179,17 @@ def main(argv=None):
         it.close()
       step = latest_step(args.results, name, batch)
       per_cpu = n / max(cpu, 1e-9)
+      ratio = None
+      if step:
+        ratio = (per_cpu if step[1] else n / wall) / step[0]
       rows.append([name, batch, f"{n / wall:.1f}", f"{per_cpu:.1f}", f"{cpu / wall:.2f}",
-                   f"{step[0]:.2f}" if step else "-", f"{per_cpu / step[0]:.1f}" if step else "-"])
+                   f"{step[0]:.2f} ({'per CPU-s' if step[1] else 'wall'})" if step else "-",
+                   f"{ratio:.1f}" if step else "-"])
       common.append_result(args.out, dict(
           bench="input", pipeline=name, batch=batch, examples_per_s=n / wall,
           examples_per_cpu_s=per_cpu, threads=args.threads, label=args.label,
-          step_examples_per_cpu_s=step[0] if step else None,
-          step_date=step[1]["date"] if step else None))
+          step_rate=step[0] if step else None, step_on_cpu=step[1] if step else None,
+          input_over_step=ratio, step_date=step[2]["date"] if step else None))
   common.print_table(header, rows)
   print(f"load before / after: {load_before} / {common.load()}; cores: {os.cpu_count()}")
 
