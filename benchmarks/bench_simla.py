@@ -28,6 +28,7 @@ Ablation flags (not the training recipe): --loss_weights, --dropout.
 """
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -91,6 +93,21 @@ class _RandomDvaeTargeter(mim_targets.MimTargeter):
   def init_state(self, dvae_params=None, channels: int = 3) -> dict:
     return super().init_state(dvae.random_params(self.cfg) if dvae_params is None
                               else dvae_params, channels)
+
+
+def override(c, item: str) -> None:
+  """Sets `a.b.c=value` (a Python literal, else a string) in config `c`."""
+  key, _, value = item.partition("=")
+  try:
+    value = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    pass
+  *parents, leaf = key.split(".")
+  for name in parents:
+    if name not in c:
+      c[name] = ml_collections.ConfigDict()
+    c = c[name]
+  c[leaf] = value
 
 
 def build(c, tokenizer=None, targeter=None):
@@ -201,6 +218,9 @@ def parse_args(argv=None):
   p.add_argument("--compare_itm", action="store_true")
   p.add_argument("--loss_weights", default="", help="ablation, e.g. itc=1,itm=1,mlm=0,mim=0,psl=0")
   p.add_argument("--dropout", type=float, default=None, help="ablation: BERT dropout rates")
+  p.add_argument("--override", action="append", default=[],
+                 help="config key=value (Python literal), e.g. model.vit.drop_path=0.1; "
+                      "missing intermediate keys are created")
   p.add_argument("--cache", default="", help="persistent compile cache dir (compile s then "
                                              "measures a cache hit)")
   p.add_argument("--out", default="", help="append the result as a JSON line to this file")
@@ -223,6 +243,8 @@ def main(argv=None):
                                                      args.loss_weights.split(","))})
   if args.dropout is not None:
     c.model.bert.update(dropout=args.dropout, attention_dropout=args.dropout)
+  for item in args.override:
+    override(c, item)
   tokenizer, targeter, model, step, init = build(c)
 
   mesh = sharding.make_mesh(c.mesh)
@@ -243,7 +265,8 @@ def main(argv=None):
   record = dict(bench="simla", size=args.size, batch=b, dtype=args.dtype,
                 remat=args.remat_policy if args.remat else "off", attention=args.attention,
                 prng=args.prng, mim_target=c.data.mim.target, label=args.label,
-                loss_weights=dict(c.loss_weights), bert_dropout=c.model.bert.dropout)
+                loss_weights=dict(c.loss_weights), bert_dropout=c.model.bert.dropout,
+                overrides=args.override)
 
   with jax.set_mesh(mesh):
     jitted = jax.jit(step, out_shardings=(shardings, None),
