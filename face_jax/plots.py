@@ -44,7 +44,7 @@ def margin_history(history: Sequence[Mapping], path: str) -> None:
       ax.plot(steps, values[:, j], marker="." if len(steps) < 30 else None, label=label)
   ax.axhline(0.0, color="k", lw=0.5)
   ax.set_xlabel("step")
-  ax.set_ylabel("margin offset (added to m0)")
+  ax.set_ylabel("margin offset (before batch centring)")
   ax.set_title("learned MvCoM margin per factor")
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)

@@ -1,7 +1,8 @@
 """Worst-group study: arms (CosFace, MvCoM, baselines) x seeds, equal steps, one table.
 
   python -m face_jax.experiments.bias_study --arms=cosface,mvcom --seeds=0,1,2 \
-      [--steps=800] [--override=data.jitter=0.4 ...] [--out=runs/bias_study.json]
+      [--steps=400] [--override=data.jitter=0.4 ...] [--out=runs/bias_study.json]
+  python -m face_jax.experiments.bias_study --table_from=a.json,b.json   # table only
 
 Each arm is a variant of configs/mvcom.py ("mvcom" = the default); every run uses the
 task's own train_step and evaluator (face_jax/train.py), trains `steps` steps from seed s
@@ -80,7 +81,7 @@ def table(results: list[dict]) -> str:
   cols = [c for c in results[0]["scores"] if c.startswith("acc_group") and c[9:].isdigit()]
   cols += ["acc_worst_group", "group_gap", "acc_pose", "acc_occlusion", "acc_blur", "acc_clean"]
   short = {c: c.replace("acc_", "").replace("_group", "").replace("occlusion", "occl") for c in cols}
-  lines = ["arm".ljust(22) + "".join(short[c].rjust(13) for c in cols) + "train s/run".rjust(13)]
+  lines = ["arm".ljust(27) + "".join(short[c].rjust(13) for c in cols) + "train s/run".rjust(13)]
   for arm in dict.fromkeys(r["arm"] for r in results):
     rs = [r for r in results if r["arm"] == arm]
     cells = []
@@ -88,7 +89,7 @@ def table(results: list[dict]) -> str:
       v = 100 * np.array([r["scores"][c] for r in rs])
       cells.append(f"{v.mean():6.2f}±{v.std():4.2f}".rjust(13))
     t = np.array([r["train_s"] for r in rs])
-    lines.append(f"{arm} (n={len(rs)})".ljust(22) + "".join(cells) + f"{t.mean():9.0f}".rjust(13))
+    lines.append(f"{arm} (n={len(rs)})".ljust(27) + "".join(cells) + f"{t.mean():9.0f}".rjust(13))
   # Paired worst-group differences against the first arm, seed by seed.
   arms = list(dict.fromkeys(r["arm"] for r in results))
   base = {r["seed"]: r["scores"]["acc_worst_group"] for r in results if r["arm"] == arms[0]}
@@ -105,11 +106,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--arms", default="cosface,mvcom")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--steps", type=int, default=800)
+  parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--override", action="append", default=[],
                       help="config assignment applied to every arm, e.g. data.jitter=0.4")
   parser.add_argument("--out", default="runs/bias_study.json")
+  parser.add_argument("--table_from", default="",
+                      help="comma-separated result files of earlier runs: print their table")
   args = parser.parse_args()
+  if args.table_from:
+    runs = [json.load(open(p)) for p in args.table_from.split(",")]
+    steps = {r["args"]["steps"] for r in runs}
+    print(f"{'/'.join(map(str, sorted(steps)))} steps per run, accuracy in % (mean ± std over seeds)")
+    print(table([r for run in runs for r in run["results"]]))
+    return
   results = []
   for seed in [int(s) for s in args.seeds.split(",")]:
     for arm in args.arms.split(","):

@@ -164,8 +164,8 @@ def test_small_variant_matches_torch_in_eval_and_train_mode():
 
 
 def test_logical_axes_and_errors():
-  model = iresnet.IResNet(layers=(1, 1), widths=(4, 8), embed_dim=6)
-  v = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  model = iresnet.IResNet(layers=(1,), widths=(4,), embed_dim=6)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   assert v["params"]["conv1"]["kernel"].names == (None, None, "conv_in", "conv_out")
   assert v["params"]["fc"]["kernel"].names == (None, "embed")
   assert "scale" not in v["params"]["features"]

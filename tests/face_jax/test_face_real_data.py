@@ -40,7 +40,7 @@ def _pack(tmp_path):
 def _config(tmp_path, arg):
   c = mvcom_config.get_config(arg)
   c.batch_size = 8
-  c.model.update(layers=(1, 1), widths=(4, 8), embed_dim=8)
+  c.model.update(layers=(1,), widths=(4,), embed_dim=8)   # stem + one stride-2 block + head
   c.data.update(name="real", image_size=SIZE, rec_prefix=str(tmp_path / "train"),
                 meta_rec_prefix=str(tmp_path / "meta"), group_of_class=str(tmp_path / "groups.npy"),
                 val_bins=(str(tmp_path / "grp_a.bin"), str(tmp_path / "grp_b.bin")),

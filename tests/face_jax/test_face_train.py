@@ -23,7 +23,7 @@ def tiny_config(arg=""):
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 6
   c.progress_bar = False
-  c.model.update(layers=(1, 1), widths=(4, 8), embed_dim=8)
+  c.model.update(layers=(1,), widths=(4,), embed_dim=8)   # stem + one stride-2 block + head
   c.data.update(image_size=8, frequencies=3, num_train_ids=40, images_per_id=(3, 5),
                 group_fractions=(0.6, 0.25, 0.15), meta_ids_per_group=3, meta_images_per_id=2,
                 test_ids_per_group=4, test_images_per_id=5, pairs_per_cell=20,
