@@ -146,6 +146,7 @@ def test_meta_gradient_of_the_face_step_matches_finite_differences():
     g, fd = np.array(g), np.array(fd)
     assert np.linalg.norm(fd) > 1e-5
     rel = np.linalg.norm(g - fd) / np.linalg.norm(fd)
+    print(f"face-step meta-gradient vs central differences: relative error {rel:.2e}")
     assert rel < 1e-3, (rel, g.tolist(), fd.tolist())
 
 
