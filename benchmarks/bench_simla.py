@@ -21,7 +21,10 @@ assignment (arguments + outputs - donated + temporaries) and the peak memory see
 (device allocator, or the process's max RSS on CPU); the load average before and after.
 
 --memory_only compiles against abstract inputs (nothing allocated, nothing run) and
-prints the buffer assignment: how the `base` batch-64 memory estimate is made on a CPU.
+prints XLA's buffer assignment for this backend. --residuals only traces: train state +
+gradients + the activations the backward pass keeps (the pullback's residuals), a
+backend-independent estimate of the memory at the forward/backward boundary. Both are
+how the `base` batch-64 memory is estimated without a GPU.
 --compare_itm times the ITM positives and both negative sets as one 3B multimodal pass
 (what the step does) against three B passes, forward and backward.
 Ablation flags (not the training recipe): --loss_weights, --dropout.
@@ -165,6 +168,44 @@ def model_flops(c, tokenizer, targeter, abstract_state, abstract_batch) -> float
   return common.cost(lowered)["flops"]
 
 
+def residual_memory(step, abstract_state, abstract_batch) -> dict[str, float]:
+  """Bytes the step keeps between its forward and backward pass, from tracing alone.
+
+  The step's `jax.value_and_grad` is traced once more as `jax.vjp`; the pullback's own
+  residuals (activations saved for the backward pass, not the arguments) are summed.
+  With the train state and one set of gradients this is what any backend must hold at
+  the forward/backward boundary, before XLA's fusion and scheduling (which may remove
+  elementwise residuals, and add the working memory of the largest op).
+  """
+  found, seen = [], set()
+  real = jax.value_and_grad
+
+  def spy(fun, *a, has_aux=False, **kw):
+    inner = real(fun, *a, has_aux=has_aux, **kw)
+
+    def call(*args):
+      pullback = jax.vjp(fun, *args, has_aux=has_aux)[1]
+      for r in getattr(pullback, "opaque_residuals", None) or jax.tree.leaves(pullback):
+        if id(r) not in seen:
+          seen.add(id(r))
+          found.append(int(np.prod(r.shape)) * r.dtype.itemsize)
+      return inner(*args)
+    return call
+
+  jax.value_and_grad = spy
+  try:
+    jax.eval_shape(step, abstract_state, abstract_batch)
+  finally:
+    jax.value_and_grad = real
+  def nbytes(tree):   # PRNG keys: a few bytes, not counted
+    return float(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                     if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)))
+  out = dict(state=nbytes(abstract_state), gradients=nbytes(abstract_state.params),
+             residuals=float(sum(found)), largest_residual=float(max(found, default=0)))
+  out["total"] = out["state"] + out["gradients"] + out["residuals"]
+  return out
+
+
 def compare_itm(c, model, params, batch, steps: int) -> list[tuple[str, str]]:
   """Forward + backward of the ITM multimodal passes: one 3B pass vs three B passes."""
   ids, mask = batch["text_ids"], batch["text_mask"]
@@ -216,11 +257,16 @@ def parse_args(argv=None):
   p.add_argument("--memory_only", action="store_true",
                  help="compile against abstract inputs; print the buffer assignment only")
   p.add_argument("--compare_itm", action="store_true")
+  p.add_argument("--residuals", action="store_true",
+                 help="trace only: state + gradients + activations saved for the backward pass")
   p.add_argument("--loss_weights", default="", help="ablation, e.g. itc=1,itm=1,mlm=0,mim=0,psl=0")
   p.add_argument("--dropout", type=float, default=None, help="ablation: BERT dropout rates")
   p.add_argument("--override", action="append", default=[],
                  help="config key=value (Python literal), e.g. model.vit.drop_path=0.1; "
                       "missing intermediate keys are created")
+  p.add_argument("--wait_load", type=float, default=0.0,
+                 help="after compiling, wait until the 1-minute load is below this")
+  p.add_argument("--wait_max_s", type=float, default=3600.0)
   p.add_argument("--cache", default="", help="persistent compile cache dir (compile s then "
                                              "measures a cache hit)")
   p.add_argument("--out", default="", help="append the result as a JSON line to this file")
@@ -268,6 +314,16 @@ def main(argv=None):
                 loss_weights=dict(c.loss_weights), bert_dropout=c.model.bert.dropout,
                 overrides=args.override)
 
+  if args.residuals:
+    with jax.set_mesh(mesh):
+      res = residual_memory(step, a_state, a_batch)
+    rows += [(f"traced: {k} GB", common.gb(v)) for k, v in res.items()]
+    rows.append(("load before / after", f"{load_before} / {common.load()}"))
+    common.print_rows(rows)
+    common.append_result(args.out, {**record, "residuals_only": True,
+                                    **{f"traced_{k}_bytes": v for k, v in res.items()}})
+    return
+
   with jax.set_mesh(mesh):
     jitted = jax.jit(step, out_shardings=(shardings, None),
                      donate_argnums=() if args.no_donate else (0,))
@@ -293,6 +349,10 @@ def main(argv=None):
 
     state, _ = sharding.sharded_init(init, mesh, c.axis_rules, jax.random.key(0))
     batch = sharding.global_batch(batch_np, mesh)
+    if args.wait_load:
+      waited = common.wait_for_load(args.wait_load, args.wait_max_s)
+      rows.append(("waited for load", f"{waited:.0f} s (1-min load < {args.wait_load}?)"))
+      load_before = common.load()
     carry, walls, cpus = common.time_steps(lambda s: compiled(s, batch), state, args.steps,
                                            args.warmup)
     state, metrics = carry, None

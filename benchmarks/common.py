@@ -48,6 +48,15 @@ def load() -> str:
   return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
+def wait_for_load(threshold: float, max_s: float, poll_s: float = 15.0) -> float:
+  """Sleeps until the 1-minute load average is below `threshold` (this process idle), at
+  most `max_s` seconds; returns the seconds waited."""
+  t0 = time.perf_counter()
+  while os.getloadavg()[0] >= threshold and time.perf_counter() - t0 < max_s:
+    time.sleep(poll_s)
+  return time.perf_counter() - t0
+
+
 def time_steps(step: Callable[[Any], tuple[Any, Any]], carry: Any, steps: int,
                warmup: int = 2) -> tuple[Any, np.ndarray, np.ndarray]:
   """Calls `carry, out = step(carry)` warmup + steps times, blocking on `out` each time.
