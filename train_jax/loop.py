@@ -94,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_saved = start
   last_eval = start if start else -1
 
-  def log_and_check(step):
+  def log_and_check():
     fetched = _check_finite(pending, task.loss_keys)
     pending.clear()
     return fetched
@@ -129,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         at_log = step % config.log_every_steps == 0 or step == total
         at_ckpt = step % config.checkpoint_every_steps == 0 or step == total
         if at_log or at_ckpt or preemption.requested:
-          fetched = log_and_check(step)
+          fetched = log_and_check()
           if at_log:
             scalars = {f"train/{k}": v for k, v in fetched[-1][1].items()}
             if task.host_metrics is not None:
@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           preempted = preemption.requested
           break
       if pending:
-        log_and_check(step)
+        log_and_check()
       if preempted and last_saved != step:
         save(step)
       if not preempted and step > start:
