@@ -202,7 +202,8 @@ def main(argv=None):
                   f"{r['flops'] / 1e9:.2f}",
                   f"{r['flops'] / r['step_s'] / peak:.1%}", common.gb(r["xla_peak_bytes"]),
                   f"{r['step_s'] / base:.2f}" if base else "-"])
-  print(f"MvCoM step cost: size {args.size}, batch {c.batch_size} (+ meta {c.data.meta_batch_size}), "
+  print(f"MvCoM step cost: size {args.size}, batch {c.batch_size} "
+        f"(+ meta {c.data.meta_batch_size}), "
         f"{num_classes} identities, {args.dtype}, remat {args.remat}, "
         f"{jax.device_count()} {common.machine()['device']}; matmul peak {peak / 1e12:.4f} TFLOP/s")
   common.print_table(header, table)
