@@ -34,6 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.alpha_warmup_steps = 1000         # linear ramp 0 -> alpha ("the first epoch")
   c.queue_size = 4096                 # multiple of the global batch
   c.psl = ml_collections.ConfigDict(dict(layer=-1, per_head=4, num_keywords=5))
+  # MLM vocabulary logits only at masked positions: per group of `group_rows` rows (a group
+  # stays on one device), up to `capacity` positions; a group with more masked tokens
+  # computes every position (exact either way). capacity 0: logits at every position.
+  c.mlm_capacity = ml_collections.ConfigDict(dict(group_rows=8, capacity=64))
   c.compat = ml_collections.ConfigDict(dict(
       mlm_distill_over_sequence=False))  # True: the official log_softmax(dim=1) bug
   c.eval = ml_collections.ConfigDict(dict(splits=("test", "comp"), k_test=16, batch_size=128))

@@ -112,6 +112,31 @@ def mlm_loss(logits_b_l_v, logits_m_b_l_v, labels_b_l, alpha, distill_over_seque
   return loss, accuracy
 
 
+def masked_positions(labels_b_l, group_rows: int, capacity: int):
+  """Where MLM needs logits: per group of `group_rows` rows, up to `capacity` positions.
+
+  Returns (index (G, K) into the group's flattened (group_rows * L) positions, masked
+  ones first in order; labels (G, K) at them, IGNORE on the padding; fits () bool: every
+  group has at most K masked positions, so the masked mean over them is the full one).
+  """
+  b, l = labels_b_l.shape
+  if b % group_rows:
+    raise ValueError(f"mlm_capacity.group_rows {group_rows} must divide the batch {b}")
+  labels_g_n = labels_b_l.reshape(b // group_rows, group_rows * l)
+  masked = labels_g_n != IGNORE
+  index = jnp.argsort(~masked, axis=-1, stable=True)[:, :capacity]
+  labels = jnp.take_along_axis(labels_g_n, index, axis=-1)
+  valid = jnp.arange(index.shape[-1])[None] < masked.sum(-1, keepdims=True)
+  return index, jnp.where(valid, labels, IGNORE), jnp.all(masked.sum(-1) <= capacity)
+
+
+def gather_positions(seq_b_l_d, index_g_k, group_rows: int):
+  """(B, L, D) -> (G, K, D): the rows of `masked_positions`' index."""
+  b, l, d = seq_b_l_d.shape
+  flat = seq_b_l_d.reshape(b // group_rows, group_rows * l, d)
+  return jnp.take_along_axis(flat, index_g_k[..., None], axis=1)
+
+
 def mim_loss(logits_b_n_k, logits_m_b_n_k, targets_b_n, patch_mask_b_n, alpha):
   """(1-α)·CE against the visual tokens + α·distillation, on masked patches only."""
   logits = logits_b_n_k.astype(jnp.float32)

@@ -88,7 +88,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
     image_seq_m = run(params_m, SIMLA.embed_image, images, rng=jax.random.fold_in(k_m, 0))
     img_m = run(params_m, SIMLA.image_feature, image_seq_m)
     txt_m = run(params_m, SIMLA.text_feature,
-                run(params_m, SIMLA.embed_text, ids, mask, rng=jax.random.fold_in(k_m, 1)))
+                run(params_m, SIMLA.embed_text, ids, mask, rng=jax.random.fold_in(k_m, 1),
+                    cls_only=True))
     masked_ids, mlm_labels = masks_lib.mlm_mask(
         ids, next(key), vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
         pad_id=tokenizer.pad_id, cls_id=tokenizer.cls_id, probability=config.data.mlm.probability,
@@ -100,7 +101,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
       temp = obj.clamp_temperature(params["temp"], mcfg.temp_min, mcfg.temp_max)
       image_seq = run(params, SIMLA.embed_image, images, rng=drop(0))
       img = run(params, SIMLA.image_feature, image_seq)
-      txt = run(params, SIMLA.text_feature, run(params, SIMLA.embed_text, ids, mask, rng=drop(1)))
+      txt = run(params, SIMLA.text_feature,
+                run(params, SIMLA.embed_text, ids, mask, rng=drop(1), cls_only=True))
       losses, stats = {}, {}
 
       itc, sim_i2t, sim_t2i = obj.itc_loss(img, txt, img_m, txt_m, state.extras["image_queue"],
@@ -114,17 +116,34 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
         ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
         mask3 = jnp.concatenate([mask, mask, mask[neg_text]])
         image3 = jnp.concatenate([image_seq, image_seq[neg_image], image_seq])
-        fused3 = run(params, SIMLA.fuse, ids3, mask3, image3, rng=drop(2))
+        fused3 = run(params, SIMLA.fuse, ids3, mask3, image3, rng=drop(2), cls_only=True)
         losses["itm"], stats["itm_acc"] = obj.itm_loss(run(params, SIMLA.itm_logits, fused3))
 
       if weights["mlm"]:
-        logits = run(params, SIMLA.mlm_logits,
-                     run(params, SIMLA.fuse, masked_ids, mask, image_seq, rng=drop(3)))
-        logits_m = run(params_m, SIMLA.mlm_logits,
-                       run(params_m, SIMLA.fuse, masked_ids, mask, image_seq_m, rng=k_mlm))
-        losses["mlm"], stats["mlm_acc"] = obj.mlm_loss(
-            logits, logits_m, mlm_labels, alpha,
-            distill_over_sequence=config.compat.mlm_distill_over_sequence)
+        fused = run(params, SIMLA.fuse, masked_ids, mask, image_seq, rng=drop(3))
+        fused_m = run(params_m, SIMLA.fuse, masked_ids, mask, image_seq_m, rng=k_mlm)
+
+        def mlm_full(fused, fused_m):
+          return obj.mlm_loss(run(params, SIMLA.mlm_logits, fused),
+                              run(params_m, SIMLA.mlm_logits, fused_m), mlm_labels, alpha,
+                              distill_over_sequence=config.compat.mlm_distill_over_sequence)
+
+        cap = config.mlm_capacity
+        if not cap.capacity or config.compat.mlm_distill_over_sequence:
+          losses["mlm"], stats["mlm_acc"] = mlm_full(fused, fused_m)
+        else:
+          # The vocabulary logits only where a token is masked: per group of rows, the
+          # first `capacity` masked positions; a group with more takes the full path.
+          index, labels_at, fits = obj.masked_positions(mlm_labels, cap.group_rows,
+                                                        cap.capacity)
+
+          def mlm_masked(fused, fused_m):
+            at = lambda x: obj.gather_positions(x, index, cap.group_rows)
+            return obj.mlm_loss(run(params, SIMLA.mlm_logits, at(fused)),
+                                run(params_m, SIMLA.mlm_logits, at(fused_m)), labels_at, alpha)
+          losses["mlm"], stats["mlm_acc"] = jax.lax.cond(fits, mlm_masked, mlm_full,
+                                                         fused, fused_m)
+          stats["mlm_in_capacity"] = fits.astype(jnp.float32)   # 1: the cheap path ran
 
       if weights["mim"]:
         targets = targeter(state.extras["mim_target"], batch)
@@ -143,7 +162,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
 
       if weights["psl"]:
         _, attn = run(params_m, SIMLA.fuse_with_attention, ids, mask,
-                      jax.lax.stop_gradient(image_seq), layer=psl.layer, rng=k_psl)
+                      jax.lax.stop_gradient(image_seq), layer=psl.layer, rng=k_psl,
+                      cls_only=True)
         keywords = obj.psl_keywords(attn[:, :, 0, :], ids, tokenizer.vocab_size,
                                     psl.per_head, psl.num_keywords, tokenizer.cls_id)
         losses["psl"] = obj.psl_loss(run(params, SIMLA.concept_logits, img),

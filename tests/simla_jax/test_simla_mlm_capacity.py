@@ -1,0 +1,70 @@
+"""MLM logits at masked positions only: the same loss and accuracy as at every position."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simla_jax import objectives as obj
+
+
+def test_masked_positions_give_the_full_loss():
+  rng = np.random.default_rng(0)
+  b, l, v, d = 8, 12, 50, 16
+  labels = np.where(rng.random((b, l)) < 0.2, rng.integers(0, v, (b, l)), obj.IGNORE)
+  seq, seq_m = (rng.standard_normal((b, l, d)).astype(np.float32) for _ in range(2))
+  head = rng.standard_normal((d, v)).astype(np.float32)
+  full = obj.mlm_loss(seq @ head, seq_m @ head, labels, 0.4)
+  index, labels_at, fits = obj.masked_positions(jnp.asarray(labels), group_rows=4, capacity=20)
+  assert bool(fits)
+  at = lambda x: obj.gather_positions(jnp.asarray(x), index, 4)
+  part = obj.mlm_loss(at(seq) @ head, at(seq_m) @ head, labels_at, 0.4)
+  np.testing.assert_allclose(part, full, rtol=1e-6)
+  # The gathered labels are the masked ones, each once, in order.
+  for g in range(2):
+    want = labels[4 * g:4 * g + 4].reshape(-1)
+    np.testing.assert_array_equal(labels_at[g][labels_at[g] != obj.IGNORE],
+                                  want[want != obj.IGNORE])
+
+
+def test_overflow_is_reported():
+  labels = np.zeros((4, 5), np.int32)          # every position masked
+  _, _, fits = obj.masked_positions(jnp.asarray(labels), group_rows=2, capacity=9)
+  assert not bool(fits)
+
+
+def _one_step(capacity: int, group_rows: int = 4):
+  """Metrics and updated params after one step of the tiny config (same keys each time)."""
+  from configs import simla as simla_config
+  from simla_jax import train as simla_train
+  from simla_jax.data import mim_targets, pipeline
+  from simla_jax.models import SIMLA
+  from train_jax import optimizers
+
+  c = simla_config.get_config("tiny")
+  c.mlm_capacity.update(capacity=capacity, group_rows=group_rows)
+  c.loss_weights.update(itm=0.0, mim=0.0, psl=0.0)   # MLM (and ITC) only: faster compiles
+  c.model.bert.layers = 1
+  tokenizer = pipeline.make_tokenizer(c.data)
+  targeter = mim_targets.MimTargeter(c.data.mim)
+  model = SIMLA(simla_train.resolve_model_config(c, tokenizer, targeter))
+  tx, schedule = optimizers.make_optimizer(c.optimizer, c.total_steps)
+  state = nn.meta.unbox(simla_train.make_init(c, model, tx, targeter)(jax.random.key(0)))
+  batch = next(iter(pipeline.make_train_iterator(c.data, batch_size=c.batch_size,
+                                                 tokenizer=tokenizer)))
+  step = jax.jit(simla_train.make_train_step(c, model, tx, schedule, tokenizer, targeter))
+  new, metrics = step(state, batch)
+  return jax.device_get(metrics), jax.device_get(new.params)
+
+
+def test_train_step_with_capacity_equals_the_full_mlm():
+  full, params_full = _one_step(capacity=0)
+  fits, params_fits = _one_step(capacity=64)
+  over, params_over = _one_step(capacity=1)    # every group overflows: the full branch
+  assert fits["mlm_in_capacity"] == 1.0 and over["mlm_in_capacity"] == 0.0
+  for m in (fits, over):
+    for k in ("loss", "mlm", "mlm_acc", "itc"):
+      np.testing.assert_allclose(m[k], full[k], rtol=1e-5, err_msg=k)
+  for p in (params_fits, params_over):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 p, params_full)
