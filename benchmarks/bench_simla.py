@@ -256,6 +256,9 @@ def parse_args(argv=None):
   p.add_argument("--no_donate", action="store_true", help="do not donate the state buffers")
   p.add_argument("--memory_only", action="store_true",
                  help="compile against abstract inputs; print the buffer assignment only")
+  p.add_argument("--flops_only", action="store_true",
+                 help="trace and lower only (no compile): the step's FLOPs from XLA's cost "
+                      "analysis, at any size in seconds (a lax.cond counts both branches)")
   p.add_argument("--compare_itm", action="store_true")
   p.add_argument("--residuals", action="store_true",
                  help="trace only: state + gradients + activations saved for the backward pass")
@@ -318,6 +321,15 @@ def main(argv=None):
                 model_gflop_given=args.model_gflop or None,
                 loss_weights=dict(c.loss_weights), bert_dropout=c.model.bert.dropout,
                 overrides=args.override)
+
+  if args.flops_only:
+    with jax.set_mesh(mesh):
+      mflops = common.cost(jax.jit(step).lower(a_state, a_batch))["flops"]
+    rows += [("GFLOP/step model (traced, no compile)", f"{mflops / 1e9:.2f}"),
+             ("GFLOP per example", f"{mflops / 1e9 / b:.2f}")]
+    common.print_rows(rows)
+    common.append_result(args.out, {**record, "flops_only": True, "model_flops": mflops})
+    return
 
   if args.residuals:
     with jax.set_mesh(mesh):

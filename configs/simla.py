@@ -38,6 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # stays on one device), up to `capacity` positions; a group with more masked tokens
   # computes every position (exact either way). capacity 0: logits at every position.
   c.mlm_capacity = ml_collections.ConfigDict(dict(group_rows=8, capacity=64))
+  # ITM: the 3B (text, image) pairs use B images; project each image to cross-attention
+  # keys/values once per layer and gather them per pair (False: project every pair's image;
+  # with the batch sharded over devices the gather all-gathers keys/values in every layer).
+  c.share_image_kv = True
   c.compat = ml_collections.ConfigDict(dict(
       mlm_distill_over_sequence=False))  # True: the official log_softmax(dim=1) bug
   c.eval = ml_collections.ConfigDict(dict(splits=("test", "comp"), k_test=16, batch_size=128))

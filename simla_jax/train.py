@@ -115,8 +115,14 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
         # (negative text, image).
         ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
         mask3 = jnp.concatenate([mask, mask, mask[neg_text]])
-        image3 = jnp.concatenate([image_seq, image_seq[neg_image], image_seq])
-        fused3 = run(params, SIMLA.fuse, ids3, mask3, image3, rng=drop(2), cls_only=True)
+        rows = jnp.arange(b)
+        image3 = jnp.concatenate([rows, neg_image, rows])
+        if config.share_image_kv:   # each image's keys/values projected once, then gathered
+          fused3 = run(params, SIMLA.fuse, ids3, mask3, image_seq, image_index=image3,
+                       rng=drop(2), cls_only=True)
+        else:
+          fused3 = run(params, SIMLA.fuse, ids3, mask3, image_seq[image3], rng=drop(2),
+                       cls_only=True)
         losses["itm"], stats["itm_acc"] = obj.itm_loss(run(params, SIMLA.itm_logits, fused3))
 
       if weights["mlm"]:

@@ -74,8 +74,10 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None, kv: jax.Array | None = None,
                kv_bias: jax.Array | None = None, deterministic: bool = True,
-               return_probs: bool = False, queries: int | None = None):
+               return_probs: bool = False, queries: int | None = None,
+               kv_index: jax.Array | None = None):
     """x: (b, l, hidden); bias: (b, 1, 1, l); kv: (b, k, d_kv); kv_bias: (b, 1, 1, k).
+    With `kv_index` (b,): kv is (n, k, d_kv), row i reads kv[kv_index[i]] (see Attention).
 
     `queries`: compute only the first `queries` positions (their self-attention still
     reads all l positions); the rest of the sequence is dropped. Returns
@@ -98,7 +100,7 @@ class BertLayer(nn.Module):
     out, probs = out if return_probs else (out, None)
     x = residual(out, q, "attention_norm")
     if kv is not None:
-      out = attention("crossattention")(x, kv.astype(self.dtype), kv_bias,
+      out = attention("crossattention")(x, kv.astype(self.dtype), kv_bias, kv_index=kv_index,
                                         deterministic=deterministic)
       x = residual(out, x, "crossattention_norm")
     out = layers.Mlp(self.ffn, kernel_init=init, dtype=self.dtype, name="mlp")(x)
@@ -163,8 +165,9 @@ class Bert(nn.Module):
     return self.embeddings(ids, inputs_embeds, deterministic=deterministic)
 
   def encode(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
-             kv_mask: jax.Array | None = None, *, deterministic: bool = True,
-             attention_layer: int | None = None, cls_only: bool = False):
+             kv_mask: jax.Array | None = None, *, kv_index: jax.Array | None = None,
+             deterministic: bool = True, attention_layer: int | None = None,
+             cls_only: bool = False):
     """Runs all layers over embedded queries.
 
     Args:
@@ -172,6 +175,8 @@ class Bert(nn.Module):
       mask: (b, l) 1 = token, 0 = padding; None = all tokens.
       kv: (b, k, d) keys/values of the cross-attention; None skips it (text mode).
       kv_mask: (b, k) padding mask of `kv`; None = all valid.
+      kv_index: (b,) int or None: `kv` and `kv_mask` hold n distinct rows and row i of
+        `x` cross-attends to row kv_index[i]; each is projected to keys/values once.
       attention_layer: index (negative counts from the end) of the layer whose
         self-attention probabilities to return.
       cls_only: the last layer computes the first position only (whose attention reads
@@ -183,6 +188,8 @@ class Bert(nn.Module):
     """
     bias = None if mask is None else layers.mask_to_bias(mask)
     kv_bias = None if kv is None or kv_mask is None else layers.mask_to_bias(kv_mask)
+    if kv_bias is not None and kv_index is not None:
+      kv_bias = kv_bias[kv_index]
     if attention_layer is not None:
       if not -self.num_layers <= attention_layer < self.num_layers:
         raise ValueError(f"attention_layer {attention_layer} out of range for "
@@ -192,7 +199,7 @@ class Bert(nn.Module):
     last = self.num_layers - 1
     for i, layer in enumerate(self.layer):
       x, p = layer(x, bias, kv, kv_bias, deterministic, i == attention_layer,
-                   1 if cls_only and i == last else None)
+                   1 if cls_only and i == last else None, kv_index)
       if i == attention_layer:
         probs = p
     return x if attention_layer is None else (x, probs)
@@ -202,9 +209,10 @@ class Bert(nn.Module):
     return self.mlm_head(seq, self.embeddings.word_table())
 
   def __call__(self, ids: jax.Array, mask: jax.Array, kv: jax.Array | None = None,
-               kv_mask: jax.Array | None = None, *, deterministic: bool = True,
-               cls_only: bool = False) -> jax.Array:
+               kv_mask: jax.Array | None = None, *, kv_index: jax.Array | None = None,
+               deterministic: bool = True, cls_only: bool = False) -> jax.Array:
     """Text mode without `kv`, multimodal mode with it: (b, l) ids -> (b, l, hidden)
     ((b, 1, hidden) with `cls_only`, see `encode`)."""
     x = self.embed(ids, deterministic=deterministic)
-    return self.encode(x, mask, kv, kv_mask, deterministic=deterministic, cls_only=cls_only)
+    return self.encode(x, mask, kv, kv_mask, kv_index=kv_index, deterministic=deterministic,
+                       cls_only=cls_only)

@@ -89,8 +89,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array | None = None, *,
-               deterministic: bool = True, return_probs: bool = False):
+               kv_index: jax.Array | None = None, deterministic: bool = True,
+               return_probs: bool = False):
     """x: (b, q, d_q); kv: (b, k, d_kv); bias: additive, broadcastable to (b, h, q, k).
+
+    `kv_index` (b,) int: `kv` is (n, k, d_kv) and row i of `x` attends to `kv[kv_index[i]]`;
+    keys and values are projected once per row of `kv` and then gathered, so a batch that
+    pairs each of n images with several texts projects each image once.
 
     Returns (b, q, features), and the attention probabilities (b, h, q, k) in
     float32 when `return_probs`.
@@ -107,8 +112,10 @@ class Attention(nn.Module):
                              bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
                              name=name)
     q = project("query")(x)     # b q h d
-    k = project("key")(kv)      # b k h d
+    k = project("key")(kv)      # b k h d (n k h d with kv_index)
     v = project("value")(kv)
+    if kv_index is not None:
+      k, v = k[kv_index], v[kv_index]
     dropout = self.dropout_rate > 0 and not deterministic
     probs = None
     if return_probs or dropout or self.impl == "einsum":

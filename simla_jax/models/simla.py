@@ -85,12 +85,16 @@ class SIMLA(nn.Module):
     return self.bert(ids, mask, deterministic=deterministic, cls_only=cls_only)
 
   def fuse(self, ids: jax.Array, mask: jax.Array, image_seq: jax.Array,
-           image_mask: jax.Array | None = None, *, deterministic: bool = True,
-           cls_only: bool = False) -> jax.Array:
+           image_mask: jax.Array | None = None, *, image_index: jax.Array | None = None,
+           deterministic: bool = True, cls_only: bool = False) -> jax.Array:
     """Multimodal mode, text queries cross-attending to the image: -> (b, l, hidden);
-    `cls_only`: (b, 1, hidden), enough for `itm_logits` (see `embed_text`)."""
-    return self.bert(ids, mask, image_seq, image_mask, deterministic=deterministic,
-                     cls_only=cls_only)
+    `cls_only`: (b, 1, hidden), enough for `itm_logits` (see `embed_text`).
+
+    `image_index` (b,): `image_seq` holds n images and text i reads image_index[i]; every
+    layer projects each image to keys/values once (ITM pairs each image with 3 texts).
+    """
+    return self.bert(ids, mask, image_seq, image_mask, kv_index=image_index,
+                     deterministic=deterministic, cls_only=cls_only)
 
   def fuse_with_attention(self, ids: jax.Array, mask: jax.Array, image_seq: jax.Array,
                           image_mask: jax.Array | None = None, *, layer: int = -1,

@@ -1,4 +1,5 @@
-"""MLM logits at masked positions only: the same loss and accuracy as at every position."""
+"""The pretraining step's cost levers change nothing but the cost: MLM logits at masked
+positions only, and ITM image keys/values projected once per image."""
 
 import flax.linen as nn
 import jax
@@ -33,8 +34,10 @@ def test_overflow_is_reported():
   assert not bool(fits)
 
 
-def _one_step(capacity: int, group_rows: int = 4):
-  """Metrics and updated params after one step of the tiny config (same keys each time)."""
+def _one_step(weights: dict, **overrides):
+  """Metrics and updated params after one step of the tiny config (same keys each time).
+
+  `weights`: the losses to switch on (the others off, for faster compiles)."""
   from configs import simla as simla_config
   from simla_jax import train as simla_train
   from simla_jax.data import mim_targets, pipeline
@@ -42,9 +45,9 @@ def _one_step(capacity: int, group_rows: int = 4):
   from train_jax import optimizers
 
   c = simla_config.get_config("tiny")
-  c.mlm_capacity.update(capacity=capacity, group_rows=group_rows)
-  c.loss_weights.update(itm=0.0, mim=0.0, psl=0.0)   # MLM (and ITC) only: faster compiles
+  c.loss_weights.update({k: float(k in weights) for k in simla_train.LOSSES})
   c.model.bert.layers = 1
+  c.update_from_flattened_dict(overrides)
   tokenizer = pipeline.make_tokenizer(c.data)
   targeter = mim_targets.MimTargeter(c.data.mim)
   model = SIMLA(simla_train.resolve_model_config(c, tokenizer, targeter))
@@ -57,14 +60,24 @@ def _one_step(capacity: int, group_rows: int = 4):
   return jax.device_get(metrics), jax.device_get(new.params)
 
 
+def _assert_same(metrics, params, metrics_ref, params_ref, keys):
+  for k in keys:
+    np.testing.assert_allclose(metrics[k], metrics_ref[k], rtol=1e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params, params_ref)
+
+
 def test_train_step_with_capacity_equals_the_full_mlm():
-  full, params_full = _one_step(capacity=0)
-  fits, params_fits = _one_step(capacity=64)
-  over, params_over = _one_step(capacity=1)    # every group overflows: the full branch
-  assert fits["mlm_in_capacity"] == 1.0 and over["mlm_in_capacity"] == 0.0
-  for m in (fits, over):
-    for k in ("loss", "mlm", "mlm_acc", "itc"):
-      np.testing.assert_allclose(m[k], full[k], rtol=1e-5, err_msg=k)
-  for p in (params_fits, params_over):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 p, params_full)
+  losses = ("itc", "mlm")
+  full = _one_step(losses, **{"mlm_capacity.capacity": 0})
+  fits = _one_step(losses, **{"mlm_capacity.capacity": 64, "mlm_capacity.group_rows": 4})
+  over = _one_step(losses, **{"mlm_capacity.capacity": 1, "mlm_capacity.group_rows": 4})
+  assert fits[0]["mlm_in_capacity"] == 1.0 and over[0]["mlm_in_capacity"] == 0.0
+  for run in (fits, over):                      # `over`: every group takes the full branch
+    _assert_same(*run, *full, ("loss", "mlm", "mlm_acc", "itc"))
+
+
+def test_train_step_with_shared_image_keys_values_equals_per_pair_images():
+  losses = ("itc", "itm")
+  _assert_same(*_one_step(losses, share_image_kv=True), *_one_step(losses, share_image_kv=False),
+               ("loss", "itm", "itm_acc", "itc"))
