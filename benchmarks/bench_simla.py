@@ -360,6 +360,10 @@ def main(argv=None):
              ("GFLOP/step executed (XLA)", f"{flops / 1e9:.2f}"),
              ("GFLOP/step model (no remat)", f"{mflops / 1e9:.2f}")]
     rows += [(f"XLA buffers: {k} GB", common.gb(v)) for k, v in mem.items() if k != "code"]
+    if jax.device_count() > 1:
+      comm = common.collective_bytes(compiled)
+      rows += [(f"{k} GB/device", common.gb(v)) for k, v in comm.items() if v]
+      record.update({f"collective_{k}_bytes": v for k, v in comm.items()})
     record.update(compile_s=compile_s, flops=flops, model_flops=mflops,
                   **{f"xla_{k}_bytes": v for k, v in mem.items()})
     if args.memory_only:

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import time
@@ -98,6 +99,28 @@ def memory(compiled) -> dict[str, float]:
              code=m.generated_code_size_in_bytes)
   out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
   return out
+
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                "collective-permute")
+_SHAPE = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+_COLLECTIVE_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(_COLLECTIVES) + r")(?:-start)?\(")
+
+
+def collective_bytes(compiled) -> dict[str, float]:
+  """Bytes each device receives from every collective in a compiled executable, by kind:
+  the sizes of their (per-device) results in the optimised HLO, each op counted once
+  (an op inside a loop body runs once per iteration: this is a lower bound then)."""
+  totals = dict.fromkeys(_COLLECTIVES, 0.0)
+  for line in compiled.as_text().splitlines():
+    m = _COLLECTIVE_OP.search(line)
+    if not m:
+      continue
+    for dtype, dims in _SHAPE.findall(m.group(1)):
+      size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))   # f32, bf16, s8, ...
+      totals[m.group(2)] += size * max(1, bits // 8)
+  return totals
 
 
 def peak_memory_bytes() -> tuple[float, str]:
