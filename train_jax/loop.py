@@ -69,6 +69,8 @@ def _check_finite(pending: list[tuple[int, Any]], loss_keys) -> list[tuple[int, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_task: Callable[[ml_collections.ConfigDict, Any], Task]) -> TrainState:
   """Trains `config.total_steps` steps of the family's task, resuming from `workdir`."""
+  if int(config.total_steps) < 1:
+    raise ValueError(f"total_steps must be at least 1, got {config.total_steps}")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)

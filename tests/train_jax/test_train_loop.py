@@ -113,3 +113,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert int(state.step) == 12
   rows = metrics_lib.read_metrics(str(tmp_path))
   assert all(np.isfinite(v) for r in rows for v in r.values())
+
+
+def test_zero_steps_is_refused_before_anything_is_written(tmp_path):
+  config = tiny_task.get_config()
+  config.total_steps = 0
+  with pytest.raises(ValueError, match="total_steps must be at least 1, got 0"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"), tiny_task.make_task)
+  assert not (tmp_path / "run").exists()
