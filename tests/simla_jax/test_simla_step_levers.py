@@ -35,9 +35,10 @@ def test_overflow_is_reported():
 
 
 def _one_step(weights: dict, **overrides):
-  """Metrics and updated params after one step of the tiny config (same keys each time).
+  """Metrics and gradients of one step of the tiny config (same keys each time).
 
-  `weights`: the losses to switch on (the others off, for faster compiles)."""
+  `weights`: the losses to switch on (the others off, for faster compiles). The optimizer is
+  plain SGD at lr 1, so the parameter change is the gradient itself."""
   from configs import simla as simla_config
   from simla_jax import train as simla_train
   from simla_jax.data import mim_targets, pipeline
@@ -47,6 +48,8 @@ def _one_step(weights: dict, **overrides):
   c = simla_config.get_config("tiny")
   c.loss_weights.update({k: float(k in weights) for k in simla_train.LOSSES})
   c.model.bert.layers = 1
+  c.optimizer.update(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0)
+  c.optimizer.schedule.update(name="constant", warmup_steps=0)
   c.update_from_flattened_dict(overrides)
   tokenizer = pipeline.make_tokenizer(c.data)
   targeter = mim_targets.MimTargeter(c.data.mim)
@@ -56,15 +59,20 @@ def _one_step(weights: dict, **overrides):
   batch = next(iter(pipeline.make_train_iterator(c.data, batch_size=c.batch_size,
                                                  tokenizer=tokenizer)))
   step = jax.jit(simla_train.make_train_step(c, model, tx, schedule, tokenizer, targeter))
+  before = jax.device_get(state.params)     # jit without donation: `state` stays readable
   new, metrics = step(state, batch)
-  return jax.device_get(metrics), jax.device_get(new.params)
+  grads = jax.tree.map(lambda a, b: a - b, before, jax.device_get(new.params))
+  grads.pop("temp")                         # clipped after the update
+  return jax.device_get(metrics), grads
 
 
-def _assert_same(metrics, params, metrics_ref, params_ref, keys):
+def _assert_same(metrics, grads, metrics_ref, grads_ref, keys):
   for k in keys:
     np.testing.assert_allclose(metrics[k], metrics_ref[k], rtol=1e-5, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params, params_ref)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_ref)) > 0
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(grads_ref), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(h, g, rtol=1e-4, atol=1e-5 * float(np.abs(g).max()) + 1e-8,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_train_step_with_capacity_equals_the_full_mlm():
