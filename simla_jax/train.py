@@ -117,12 +117,11 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
         mask3 = jnp.concatenate([mask, mask, mask[neg_text]])
         rows = jnp.arange(b)
         image3 = jnp.concatenate([rows, neg_image, rows])
-        if config.share_image_kv:   # each image's keys/values projected once, then gathered
-          fused3 = run(params, SIMLA.fuse, ids3, mask3, image_seq, image_index=image3,
-                       rng=drop(2), cls_only=True)
-        else:
-          fused3 = run(params, SIMLA.fuse, ids3, mask3, image_seq[image3], rng=drop(2),
-                       cls_only=True)
+        # share_image_kv: each image's keys/values projected once, then gathered per pair.
+        kv, kv_index = ((image_seq, image3) if config.share_image_kv
+                        else (image_seq[image3], None))
+        fused3 = run(params, SIMLA.fuse, ids3, mask3, kv, image_index=kv_index, rng=drop(2),
+                     cls_only=True)
         losses["itm"], stats["itm_acc"] = obj.itm_loss(run(params, SIMLA.itm_logits, fused3))
 
       if weights["mlm"]:
