@@ -41,9 +41,6 @@ def _one_step(weights: dict, **overrides):
   plain SGD at lr 1, so the parameter change is the gradient itself."""
   from configs import simla as simla_config
   from simla_jax import train as simla_train
-  from simla_jax.data import mim_targets, pipeline
-  from simla_jax.models import SIMLA
-  from train_jax import optimizers
 
   c = simla_config.get_config("tiny")
   c.loss_weights.update({k: float(k in weights) for k in simla_train.LOSSES})
@@ -51,16 +48,10 @@ def _one_step(weights: dict, **overrides):
   c.optimizer.update(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0)
   c.optimizer.schedule.update(name="constant", warmup_steps=0)
   c.update_from_flattened_dict(overrides)
-  tokenizer = pipeline.make_tokenizer(c.data)
-  targeter = mim_targets.MimTargeter(c.data.mim)
-  model = SIMLA(simla_train.resolve_model_config(c, tokenizer, targeter))
-  tx, schedule = optimizers.make_optimizer(c.optimizer, c.total_steps)
-  state = nn.meta.unbox(simla_train.make_init(c, model, tx, targeter)(jax.random.key(0)))
-  batch = next(iter(pipeline.make_train_iterator(c.data, batch_size=c.batch_size,
-                                                 tokenizer=tokenizer)))
-  step = jax.jit(simla_train.make_train_step(c, model, tx, schedule, tokenizer, targeter))
+  task = simla_train.make_task(c, mesh=None)
+  state = nn.meta.unbox(task.init(jax.random.key(0)))
   before = jax.device_get(state.params)     # jit without donation: `state` stays readable
-  new, metrics = step(state, batch)
+  new, metrics = jax.jit(task.train_step)(state, next(task.train_data))
   grads = jax.tree.map(lambda a, b: a - b, before, jax.device_get(new.params))
   grads.pop("temp")                         # clipped after the update
   return jax.device_get(metrics), grads

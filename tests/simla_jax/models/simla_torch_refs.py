@@ -4,12 +4,15 @@ official checkpoint layout built from their state dicts (imported by the test fi
 import contextlib
 import functools
 
+import flax.linen as nn
+import jax
 import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, BlipTextConfig, ViTConfig, ViTModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from configs.simla_model import model_config
+from simla_jax.models import SIMLA, init_params
 
 
 def ref_config(bert_layers: int = 2, patch_size: int = 8, **overrides):
@@ -21,6 +24,18 @@ def ref_config(bert_layers: int = 2, patch_size: int = 8, **overrides):
   for k, v in overrides.items():
     cfg[k] = v
   return cfg
+
+
+def ref_model(cfg, seed: int = 0):
+  """(SIMLA(cfg), its unboxed random parameters)."""
+  model = SIMLA(cfg)
+  return model, nn.meta.unbox(init_params(model, jax.random.key(seed)))
+
+
+def xla_flops(lowered) -> float:
+  """FLOPs of a lowered computation from XLA's cost analysis."""
+  cost = lowered.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
