@@ -16,6 +16,7 @@ AXIS_RULES = (
     ("conv_in", None),       # conv kernels: input channels
     ("conv_out", "fsdp"),    # conv kernels: output channels
     ("norm", None),          # LayerNorm / BatchNorm scales and biases
+    ("layers", None),        # the stacked axis of scanned layers (model.scan_layers)
 )
 
 

@@ -8,6 +8,11 @@ Sources:
     cross-attention is left as initialised, as the official code does;
   * DeiT / timm ViT checkpoints (e.g. deit_base_patch16_224-b5f2ef4d.pth): `load_vit_checkpoint`.
 
+The rule tables name the per-layer layout (`vit/block_i`, `bert/layer_i`); a model with
+`scan_layers` stacks them (`vit/blocks`, `bert/encoder/layer`, leading `layers` axis), and
+`stack_layers` / `unstack_layers` convert at the boundary of every public loader and
+writer, so a loader written for the per-layer layout serves both.
+
 Every source key is consumed exactly once; a missing, unexpected or mis-shaped key
 raises `CheckpointError` naming the key and both shapes. Keys the official code
 drops on purpose are listed explicitly per source. Position embeddings of another
@@ -21,6 +26,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 import flax.traverse_util as traverse_util
+import jax
 import ml_collections
 import numpy as np
 
@@ -369,6 +375,97 @@ def replace_leaves(params: Any, filled: Mapping[Path, np.ndarray], root: Path = 
   return traverse_util.unflatten_dict(flat)
 
 
+# --- stacked (scanned) layers ------------------------------------------------------------------
+
+# module -> (per-layer child name prefix, path of the stacked subtree in the module,
+# config key of the depth): the layers `model.scan_layers` runs as one nn.scan.
+_STACKED = {"vit": ("block_", ("blocks",), ("vit", "depth")),
+            "bert": ("layer_", ("encoder", "layer"), ("bert", "layers"))}
+
+
+def _scanned(cfg: ml_collections.ConfigDict) -> bool:
+  return bool(cfg.get("scan_layers", False))
+
+
+def per_layer_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg` with `scan_layers` off: the model whose parameter tree the rule tables name."""
+  cfg = cfg.copy_and_resolve_references()
+  if "scan_layers" in cfg:
+    cfg.scan_layers = False
+  return cfg
+
+
+def _depth(cfg: ml_collections.ConfigDict, key: tuple[str, str]) -> int:
+  return int(cfg[key[0]][key[1]])
+
+
+def stack_layers(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
+  """A params (or momentum) tree in the per-layer layout -> the layout of `SIMLA(cfg)`.
+
+  With `cfg.scan_layers`, `vit/block_i` become `vit/blocks` and `bert/layer_i` become
+  `bert/encoder/layer`, each leaf stacked on a new leading axis i; without, `tree` is
+  returned as is. Top-level keys other than vit / bert pass through.
+  """
+  if not _scanned(cfg):
+    return tree
+  out = dict(tree)
+  for module, (prefix, stacked, depth_key) in _STACKED.items():
+    if module not in out:
+      continue
+    sub = dict(out[module])
+    names = [f"{prefix}{i}" for i in range(_depth(cfg, depth_key))]
+    missing = [n for n in names if n not in sub]
+    if missing:
+      raise CheckpointError(f"stack_layers: {module} has no {', '.join(missing)} "
+                            f"(config {'.'.join(depth_key)} = {len(names)})")
+    extra = sorted(k for k in sub if k.startswith(prefix) and k[len(prefix):].isdigit()
+                   and k not in names)
+    if extra:
+      raise CheckpointError(f"stack_layers: {module} has {', '.join(extra)} beyond config "
+                            f"{'.'.join(depth_key)} = {len(names)}")
+    layers = [sub.pop(n) for n in names]
+    node = sub
+    for key in stacked[:-1]:
+      node = node.setdefault(key, {})
+    node[stacked[-1]] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    out[module] = sub
+  return out
+
+
+def unstack_layers(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
+  """The inverse of `stack_layers`: the layout of `SIMLA(cfg)` -> the per-layer layout."""
+  if not _scanned(cfg):
+    return tree
+  out = dict(tree)
+  for module, (prefix, stacked, depth_key) in _STACKED.items():
+    if module not in out:
+      continue
+    sub = dict(out[module])
+    depth = _depth(cfg, depth_key)
+    node, parents = sub, []
+    for key in stacked[:-1]:
+      if key not in node:
+        raise CheckpointError(f"unstack_layers: {module} has no {'/'.join(stacked)}")
+      parents.append((node, key))
+      node[key] = dict(node[key])
+      node = node[key]
+    if stacked[-1] not in node:
+      raise CheckpointError(f"unstack_layers: {module} has no {'/'.join(stacked)}")
+    layer = node.pop(stacked[-1])
+    for leaf_path, leaf in traverse_util.flatten_dict(layer).items():
+      if np.shape(leaf)[:1] != (depth,):
+        raise CheckpointError(f"unstack_layers: {module}/{'/'.join(stacked + leaf_path)} has "
+                              f"shape {np.shape(leaf)}, expected a leading axis of "
+                              f"{'.'.join(depth_key)} = {depth}")
+    for node_, key in reversed(parents):   # drop containers the stack leaves empty
+      if not node_[key]:
+        del node_[key]
+    for i in range(depth):
+      sub[f"{prefix}{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], layer)
+    out[module] = sub
+  return out
+
+
 # --- public loaders ----------------------------------------------------------------------------
 
 def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict):
@@ -414,7 +511,7 @@ def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.Config
                        source="official SIMLA checkpoint")
   _check_covered(filled, expected, "official SIMLA checkpoint")
   trees = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in filled.items()})
-  return trees["params"], trees["params_m"], queues
+  return stack_layers(trees["params"], cfg), stack_layers(trees["params_m"], cfg), queues
 
 
 def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any],
@@ -422,6 +519,7 @@ def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any]
   """The inverse of `load_official_checkpoint`: numpy arrays under the official key names
   (`torch.from_numpy` each to `load_state_dict` into the official PyTorch model)."""
   flat = {}
+  params, params_m = unstack_layers(params, cfg), unstack_layers(params_m, cfg)
   for tree, name in ((params, "params"), (params_m, "params_m")):
     flat.update({(name,) + k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
   out = {}
@@ -450,10 +548,10 @@ def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict
                           "('bert.*', 'cls.predictions.*'), found keys like "
                           f"{sorted(state)[:3]}")
   rules = bert_rules(cfg, "bert.", ("bert",), cross_attention=False) + mlm_rules("cls.", ("bert",))
-  expected = flat_shapes(params)
-  filled = apply_rules(state, rules, expected, dropped=HF_BERT_DROPPED,
+  params = unstack_layers(params, cfg)
+  filled = apply_rules(state, rules, flat_shapes(params), dropped=HF_BERT_DROPPED,
                        source="Hugging Face BERT checkpoint")
-  return replace_leaves(params, filled, ())
+  return stack_layers(replace_leaves(params, filled, ()), cfg)
 
 
 def load_vit_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
@@ -465,6 +563,7 @@ def load_vit_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict,
   """
   state = read_state_dict(path_or_state_dict)
   rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
+  params = unstack_layers(params, cfg)
   filled = apply_rules(state, rules, flat_shapes(params), dropped=DEIT_DROPPED,
                        optional=("mask_token",), source="ViT checkpoint")
-  return replace_leaves(params, filled, ())
+  return stack_layers(replace_leaves(params, filled, ()), cfg)

@@ -8,6 +8,10 @@ cross-attention runs only when keys/values are given:
   image-query mode  `encode(embed(inputs_embeds=image_seq), ones, kv=embed(ids), kv_mask=mask)`:
                     image queries over non-contextual token embeddings (MIM).
 Attention is bidirectional with additive padding masks.
+
+The layers are either unrolled (`layer_i`, one parameter subtree each) or, with
+`scan_layers`, one `nn.scan` over `encoder/layer`, whose parameters carry a leading
+`layers` axis: the program then holds one layer body per pass, whatever the depth.
 """
 
 import flax.linen as nn
@@ -73,11 +77,12 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None, kv: jax.Array | None = None,
-               kv_bias: jax.Array | None = None, deterministic: bool = True,
-               return_probs: bool = False, queries: int | None = None,
-               kv_index: jax.Array | None = None):
+               kv_bias: jax.Array | None = None, kv_index: jax.Array | None = None,
+               deterministic: bool = True, return_probs: bool = False,
+               queries: int | None = None):
     """x: (b, l, hidden); bias: (b, 1, 1, l); kv: (b, k, d_kv); kv_bias: (b, 1, 1, k).
     With `kv_index` (b,): kv is (n, k, d_kv), row i reads kv[kv_index[i]] (see Attention).
+    The signature is `nn.scan`'s (carry, *broadcast) -> (carry, per-layer output).
 
     `queries`: compute only the first `queries` positions (their self-attention still
     reads all l positions); the rest of the sequence is dropped. Returns
@@ -129,6 +134,92 @@ class MlmHead(nn.Module):
     return jnp.einsum("bld,vd->blv", h, word_table.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+# Arguments of BertLayer that are Python values, static for nn.remat (argument 0 is self):
+# deterministic, return_probs, queries.
+_STATIC_ARGNUMS = (6, 7, 8)
+
+
+def _layer_class(remat: bool, policy: str) -> type[nn.Module]:
+  if not remat:
+    return BertLayer
+  return nn.remat(BertLayer, static_argnums=_STATIC_ARGNUMS, policy=layers.remat_policy(policy))
+
+
+def _take(index):
+  """Variables of a stacked layer -> those of `index` (an int or a slice) on the `layers` axis."""
+  return lambda variables: jax.tree.map(lambda a: a[index], variables)
+
+
+def layer_segments(num_layers: int, attention_layer: int | None,
+                   cls_only: bool) -> list[tuple[int, int, bool, int | None]]:
+  """Splits layers [0, num_layers) into runs (start, stop, return_probs, queries) that each
+  run the same way: the layer whose probabilities are wanted and the `cls_only` last layer
+  (1 query) are runs of their own; the layers between them are one run each."""
+  last = num_layers - 1
+  cuts = {0, num_layers}
+  if attention_layer is not None:
+    cuts |= {attention_layer, attention_layer + 1}
+  if cls_only:
+    cuts.add(last)
+  cuts = sorted(cuts)
+  return [(a, b, a == attention_layer, 1 if cls_only and a == last else None)
+          for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+class BertEncoder(nn.Module):
+  """`num_layers` BertLayers as one `nn.scan`: parameters `layer/...` with a leading
+  `layers` axis, dropout rngs split per layer, `nn.remat` inside the scanned body.
+
+  A call runs layers [start, stop) on their slice of the stack, so a pass that treats one
+  layer differently (its attention probabilities, or `queries`) runs the layers around it
+  as scans of their own; a single layer runs unscanned.
+  """
+  num_layers: int
+  hidden: int
+  heads: int
+  ffn: int
+  dropout: float
+  attention_dropout: float
+  layer_norm_eps: float
+  init_std: float = 0.02
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: Dtype = jnp.float32
+  attention_impl: str = "einsum"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array | None, kv: jax.Array | None,
+               kv_bias: jax.Array | None, kv_index: jax.Array | None, *, start: int, stop: int,
+               deterministic: bool = True, return_probs: bool = False,
+               queries: int | None = None):
+    """Layers [start, stop) (see `BertLayer`); probabilities and `queries` need one layer."""
+    if not 0 <= start < stop <= self.num_layers:
+      raise ValueError(f"BERT layers [{start}, {stop}) out of range for {self.num_layers}")
+    if (return_probs or queries is not None) and stop - start != 1:
+      raise ValueError("BertEncoder: return_probs / queries apply to a single layer")
+    whole = (start, stop) == (0, self.num_layers)
+    # One layer runs unscanned (a scan's carry cannot change shape, as `queries` does).
+    single = stop - start == 1 and (not whole or queries is not None)
+    if (single or not whole) and not self.has_variable("params", "layer"):
+      raise ValueError("BertEncoder: initialise with all layers before running a part of them")
+    layer_cls = _layer_class(self.remat, self.remat_policy)
+    args = (self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
+            self.layer_norm_eps, self.init_std, self.dtype, self.attention_impl)
+    if single:
+      layer = nn.map_variables(layer_cls, "params", trans_in_fn=_take(start))
+      return layer(*args, name="layer")(x, bias, kv, kv_bias, kv_index, deterministic,
+                                        return_probs, queries)
+    stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * 7, length=stop - start,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    if not whole:
+      stack = nn.map_variables(stack, "params", trans_in_fn=_take(slice(start, stop)))
+    x, probs = stack(*args, name="layer")(x, bias, kv, kv_bias, kv_index, deterministic,
+                                          return_probs, queries)
+    return x, None if probs is None else probs[0]
+
+
 class Bert(nn.Module):
   """The shared BERT with its MLM head. See the module docstring for the modes."""
   vocab_size: int
@@ -143,19 +234,23 @@ class Bert(nn.Module):
   init_std: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_position,
                                      self.layer_norm_eps, self.dropout, self.init_std, self.dtype)
-    # static: deterministic, return_probs, queries (argument 0 is self).
-    layer = (nn.remat(BertLayer, static_argnums=(5, 6, 7),
-                      policy=layers.remat_policy(self.remat_policy))
-             if self.remat else BertLayer)
-    self.layer = [layer(self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
-                        self.layer_norm_eps, self.init_std, self.dtype, self.attention_impl)
-                  for _ in range(self.num_layers)]
+    args = (self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
+            self.layer_norm_eps, self.init_std)
+    if self.scan_layers:
+      self.encoder = BertEncoder(self.num_layers, *args, remat=self.remat,
+                                 remat_policy=self.remat_policy, dtype=self.dtype,
+                                 attention_impl=self.attention_impl)
+    else:
+      layer = _layer_class(self.remat, self.remat_policy)
+      self.layer = [layer(*args, self.dtype, self.attention_impl)
+                    for _ in range(self.num_layers)]
     self.mlm_head = MlmHead(self.hidden, self.vocab_size, self.layer_norm_eps, self.init_std,
                             self.dtype)
 
@@ -196,11 +291,16 @@ class Bert(nn.Module):
                          f"{self.num_layers} layers")
       attention_layer %= self.num_layers
     probs = None
-    last = self.num_layers - 1
-    for i, layer in enumerate(self.layer):
-      x, p = layer(x, bias, kv, kv_bias, deterministic, i == attention_layer,
-                   1 if cls_only and i == last else None, kv_index)
-      if i == attention_layer:
+    for start, stop, want_probs, queries in layer_segments(self.num_layers, attention_layer,
+                                                           cls_only):
+      if self.scan_layers:
+        x, p = self.encoder(x, bias, kv, kv_bias, kv_index, start=start, stop=stop,
+                            deterministic=deterministic, return_probs=want_probs,
+                            queries=queries)
+      else:
+        for layer in self.layer[start:stop]:
+          x, p = layer(x, bias, kv, kv_bias, kv_index, deterministic, want_probs, queries)
+      if want_probs:
         probs = p
     return x if attention_layer is None else (x, probs)
 

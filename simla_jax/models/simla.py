@@ -5,8 +5,11 @@
 "dropout" when `deterministic=False`. `init_params` creates every parameter (all
 heads) in one `init`.
 
-Parameter tree (top level): vit, bert (embeddings, layer_i, mlm_head), vision_proj,
-text_proj, itm_head, mim_head, concept_head, temp.
+Parameter tree (top level): vit (..., block_i | blocks), bert (embeddings,
+layer_i | encoder/layer, mlm_head), vision_proj, text_proj, itm_head, mim_head,
+concept_head, temp. With `scan_layers` the repeated layers are one stacked subtree each
+(`vit/blocks`, `bert/encoder/layer`, leading `layers` axis); `convert.stack_layers` /
+`unstack_layers` move between the two layouts.
 """
 
 from typing import Any
@@ -50,17 +53,20 @@ class SIMLA(nn.Module):
     # What a rematerialised layer saves (layers.REMAT_POLICIES); a config without the key
     # gets full rematerialisation, what `remat=True` meant before the key existed.
     remat_policy = c.get("remat_policy", "nothing_saveable")
+    scan_layers = c.get("scan_layers", False)
     self.vit = vit_lib.VisionTransformer(
         image_size=c.image_size, patch_size=c.patch_size, width=c.vit.width, depth=c.vit.depth,
         heads=c.vit.heads, mlp_dim=c.vit.mlp_dim, layer_norm_eps=c.vit.layer_norm_eps,
         drop_path_rate=c.vit.drop_path, use_mask_token=c.use_mask_token, init_std=c.init_std,
-        remat=c.remat, remat_policy=remat_policy, dtype=dtype, attention_impl=c.attention_impl)
+        remat=c.remat, remat_policy=remat_policy, scan_layers=scan_layers, dtype=dtype,
+        attention_impl=c.attention_impl)
     self.bert = bert_lib.Bert(
         vocab_size=c.bert.vocab_size, hidden=c.bert.hidden, num_layers=c.bert.layers,
         heads=c.bert.heads, ffn=c.bert.ffn, max_position=c.bert.max_position,
         dropout=c.bert.dropout, attention_dropout=c.bert.attention_dropout,
         layer_norm_eps=c.bert.layer_norm_eps, init_std=c.init_std, remat=c.remat,
-        remat_policy=remat_policy, dtype=dtype, attention_impl=c.attention_impl)
+        remat_policy=remat_policy, scan_layers=scan_layers, dtype=dtype,
+        attention_impl=c.attention_impl)
     width, hidden = c.vit.width, c.bert.hidden
     self.vision_proj = _head(c.embed_dim, width, ("embed", None), dtype)
     self.text_proj = _head(c.embed_dim, hidden, ("embed", None), dtype)

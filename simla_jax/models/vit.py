@@ -3,6 +3,10 @@
 Pre-norm blocks (LayerNorm eps 1e-6, qkv bias, exact GELU), CLS token, learned
 absolute position embedding, final LayerNorm, no head. Masked patches (MIM) are
 replaced by `mask_token` before the position embedding is added; CLS is never masked.
+
+The blocks are unrolled (`block_i`) or, with `scan_layers`, one `nn.scan` over `blocks`
+whose parameters carry a leading `layers` axis (the stochastic-depth rate of each block
+is a scanned input).
 """
 
 import einops
@@ -16,9 +20,13 @@ from simla_jax.models import layers
 Dtype = layers.Dtype
 
 
-def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: jax.Array | None) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per sample, rescales the kept ones."""
-  if deterministic or rate == 0.0:
+def drop_path(x: jax.Array, rate: float | jax.Array, deterministic: bool,
+              rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per sample, rescales the kept ones.
+
+  `rate` may be traced (a scanned block's); at rate 0 every sample is kept unscaled.
+  """
+  if deterministic or rng is None or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -26,21 +34,27 @@ def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: jax.Array | N
 
 
 class Block(nn.Module):
-  """x + attn(norm1(x)); x + mlp(norm2(x)). (b, n, d) -> (b, n, d)."""
+  """x + attn(norm1(x)); x + mlp(norm2(x)). (b, n, d) -> ((b, n, d), None).
+
+  The output pair is `nn.scan`'s (carry, per-layer output). `drop_path_rate` is this
+  block's stochastic-depth rate (a float, or a traced scalar under scan); `stochastic_depth`
+  says whether any block of the model has one, i.e. whether to draw an rng at all.
+  """
   heads: int
   mlp_dim: int
   layer_norm_eps: float
-  drop_path_rate: float = 0.0
+  stochastic_depth: bool = False
   init_std: float = 0.02
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, drop_path_rate: float | jax.Array = 0.0,
+               deterministic: bool = True) -> tuple[jax.Array, None]:
     width = x.shape[-1]
     init = nn.initializers.normal(self.init_std)
-    rate = self.drop_path_rate
-    rng = None if deterministic or rate == 0.0 else self.make_rng("dropout")
+    rate = drop_path_rate
+    rng = None if deterministic or not self.stochastic_depth else self.make_rng("dropout")
     h = layers.layer_norm(self.layer_norm_eps, self.dtype, "norm1")(x)
     h = layers.Attention(self.heads, width, kernel_init=init, dtype=self.dtype,
                          impl=self.attention_impl, name="attn")(h, h)
@@ -49,7 +63,7 @@ class Block(nn.Module):
     h = layers.Mlp(self.mlp_dim, kernel_init=init, dtype=self.dtype, name="mlp")(h)
     if rng is not None:
       rng = jax.random.fold_in(rng, 1)
-    return x + drop_path(h, rate, deterministic, rng)
+    return x + drop_path(h, rate, deterministic, rng), None
 
 
 class VisionTransformer(nn.Module):
@@ -66,6 +80,7 @@ class VisionTransformer(nn.Module):
   init_std: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
 
@@ -115,12 +130,21 @@ class VisionTransformer(nn.Module):
                         axis=1)
     x = x + pos.astype(x.dtype)
 
-    block = (nn.remat(Block, static_argnums=(2,), policy=layers.remat_policy(self.remat_policy))
-             if self.remat else Block)
+    block = Block
+    if self.remat:   # static: deterministic (argument 0 is self)
+      block = nn.remat(Block, static_argnums=(3,), policy=layers.remat_policy(self.remat_policy))
+    args = (self.heads, self.mlp_dim, self.layer_norm_eps, self.drop_path_rate > 0.0,
+            self.init_std, self.dtype, self.attention_impl)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)   # stochastic-depth ramp
-    for i in range(self.depth):
-      x = block(self.heads, self.mlp_dim, self.layer_norm_eps, float(rates[i]), self.init_std,
-                self.dtype, self.attention_impl, name=f"block_{i}")(x, deterministic)
+    if self.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast), length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(*args, name="blocks")(x, jnp.asarray(rates, jnp.float32), deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block(*args, name=f"block_{i}")(x, float(rates[i]), deterministic)
     return layers.layer_norm(self.layer_norm_eps, self.dtype, "norm")(x)
 
 
