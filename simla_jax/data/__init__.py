@@ -3,6 +3,8 @@
 Modules (import them directly; this package imports nothing heavy):
   shapes       ShapesSource(data_cfg, split): procedural image-caption world, no files.
   captions     CaptionJsonSource(files, image_root): ALBEF-style caption JSON + images.
+  tfds_builders  TFDS array_record builds of every SIMLA format; TfdsCaptionSource.
+  build        `python -m simla_jax.data.build`: the command that builds them.
   tokenizer    Tokenizer (WordPiece, `tokenizers`), pre_caption (official normalisation).
   augment      train / eval / dVAE-view image transforms (PIL), left/right caption swap.
   masks        mlm_mask (JAX, in the train step), BlockMaskGenerator (BEiT, numpy).
@@ -35,6 +37,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Every `config.data` key with its default: the CPU-sized shapes-world run."""
   c = ml_collections.ConfigDict()
   c.name = "shapes"               # shapes | captions
+  # Where examples come from: "direct" renders / parses the inputs at run time; "tfds"
+  # reads a build (python -m simla_jax.data.build) of the same dataset by index.
+  c.source = "direct"             # direct | tfds
+  c.tfds_dir = ""                 # the build's --out
+  c.tfds_name = ""                # "<builder>/<config>[:version]", e.g. simla_captions/coco
   c.image_size = 64               # square model input, pixels
   c.seed = 0                      # shuffle / augmentation / mask randomness
   c.max_len = 30                  # text length L incl. [CLS] (official retrieval: 30)

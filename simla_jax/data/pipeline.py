@@ -51,6 +51,8 @@ def check_config(data_cfg: Any) -> None:
   """Raises a ValueError naming the key when `config.data` is inconsistent."""
   if data_cfg.name not in ("shapes", "captions"):
     raise ValueError(f"data.name: unknown dataset {data_cfg.name!r} (shapes | captions)")
+  if data_cfg.get("source", "direct") not in ("direct", "tfds"):
+    raise ValueError(f"data.source: unknown source {data_cfg.source!r} (direct | tfds)")
   grid = patch_grid(data_cfg)
   if data_cfg.mim.target == "dvae":
     d = int(data_cfg.mim.dvae_image_size)
@@ -62,7 +64,11 @@ def check_config(data_cfg: Any) -> None:
 
 
 def make_source(data_cfg: Any, split: str):
-  """Random-access source of a split: shapes (train/val/test/comp) or caption JSON."""
+  """Random-access source of a split: shapes (train/val/test/comp) or caption JSON, or
+  with `data.source = "tfds"` that split of a TFDS build of either (same examples)."""
+  if data_cfg.get("source", "direct") == "tfds":
+    from simla_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+    return tfds_builders.TfdsCaptionSource(data_cfg.tfds_dir, data_cfg.tfds_name, split)
   if data_cfg.name == "shapes":
     return shapes.ShapesSource(data_cfg, split)
   if data_cfg.name == "captions":
