@@ -77,6 +77,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       max_bad_fraction=1e-4,     # stop when more records than this fraction are bad
       read_threads=8,            # decoding threads
       worker_count=0,            # >0: decode in that many processes
+      source="direct",           # direct | tfds: read a build of python -m face_jax.data.build
+      tfds_dir="",               # the build's --out
+      tfds_name="",              # face_recordio/<name> or face_folder/<name>
+      tfds_split="train",
+      tfds_meta_split="",        # held-out meta images in the same build (mvcom, l2rw)
+      tfds_val_name="",          # face_verification/<name>: its splits are the val packs
       # --- both ---
       meta_batch_size=64,
       sampling="uniform",        # uniform | group_balanced (synthetic only)

@@ -160,6 +160,8 @@ def _meta_config(config):
     meta.batch_size = config.data.meta_batch_size
     meta.data.rec_prefix = config.data.meta_rec_prefix
     meta.data.image_root = ""
+    if config.data.get("source") == "tfds":
+      meta.data.tfds_split = config.data.tfds_meta_split
     meta.seed = config.seed + 1
   return meta
 
@@ -171,7 +173,8 @@ def make_task(config, tx, schedule) -> Task:
   source = pipeline.make_source(data)
   num_classes = source.num_classes
   counts = np.diff(source.identity_ranges, axis=1)[:, 0]
-  group_of_class = None
+  # A TFDS build may carry the per-identity groups it was built with.
+  group_of_class = getattr(source, "group_of_class", None)
   if data.group_of_class:
     group_of_class = np.load(data.group_of_class, allow_pickle=False).astype(np.int32)
     if group_of_class.shape != (num_classes,):
@@ -187,9 +190,10 @@ def make_task(config, tx, schedule) -> Task:
                      "synthetic data only")
   meta_it = None
   if train.uses_meta_batch(config):
-    if not data.meta_rec_prefix:
+    if not data.meta_rec_prefix and not (data.get("source") == "tfds" and data.tfds_meta_split):
       raise ValueError(f"config.method={config.method!r} needs a meta set: set "
-                       "config.data.meta_rec_prefix (held-out images of training identities)")
+                       "config.data.meta_rec_prefix (held-out images of training identities) "
+                       "or, with data.source='tfds', data.tfds_meta_split")
     meta_it = pipeline.train_iterator(_meta_config(config))
   it = AttributeIterator(pipeline.train_iterator(config, source), meta_it, data, config.seed,
                          mvcom_lib.class_prior(counts), group_of_class)

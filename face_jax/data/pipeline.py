@@ -72,6 +72,13 @@ def data_config() -> ml_collections.ConfigDict:
       read_threads=8,           # grain read threads, each decodes whole batches
       prefetch_batches=16,      # batches decoded ahead (memory: this * batch * H*W*3*4 B)
       worker_count=0,           # >0: decode in that many processes (grain mp_prefetch)
+      # "tfds": read a build (python -m face_jax.data.build) instead of the files above.
+      source="direct",          # direct | tfds
+      tfds_dir="",              # the build's --out
+      tfds_name="",             # e.g. "face_recordio/ms1mv2" (a face_recordio / face_folder build)
+      tfds_split="train",       # the training split of that build
+      tfds_meta_split="",       # its split of held-out meta images (mvcom, l2rw), if any
+      tfds_val_name="",         # a face_verification build: every split is a val pack
   ))
 
 
@@ -300,8 +307,15 @@ def _size(image_size: Union[int, Sequence[int]]) -> tuple[int, int]:
   return int(height), int(width)
 
 
-def make_source(data: ml_collections.ConfigDict) -> Union[RecordIO, ImageFolder]:
-  """`config.data` -> RecordIO(rec_prefix) or ImageFolder(image_root)."""
+def make_source(data: ml_collections.ConfigDict) -> FaceSource:
+  """`config.data` -> RecordIO(rec_prefix) or ImageFolder(image_root), or with
+  `source="tfds"` the `tfds_split` of the build `tfds_name` under `tfds_dir`."""
+  if _data_key(data, "source") == "tfds":
+    from face_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+    return tfds_builders.TfdsFaceSource(data.tfds_dir, data.tfds_name,
+                                        _data_key(data, "tfds_split"))
+  if _data_key(data, "source") != "direct":
+    raise ValueError(f"config.data.source: unknown source {data.source!r} (direct | tfds)")
   if data.get("rec_prefix"):
     return RecordIO(data.rec_prefix)
   if data.get("image_root"):
@@ -333,7 +347,12 @@ def train_iterator(config: ml_collections.ConfigDict,
 
 def load_val_bins(data: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """`config.data.val_bins` -> {name: (uint8 (2N, H, W, 3), bool (N,))}, name = file stem
-  ("lfw", "cfp_fp", ...)."""
+  ("lfw", "cfp_fp", ...); with `source="tfds"` and `tfds_val_name`, every split of
+  that face_verification build instead."""
+  if _data_key(data, "source") == "tfds" and _data_key(data, "tfds_val_name"):
+    from face_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+    return tfds_builders.load_val_packs(data.tfds_dir, data.tfds_val_name,
+                                        _size(_data_key(data, "image_size")))
   out = {}
   for path in data.get("val_bins", ()):
     name = os.path.splitext(os.path.basename(path))[0]

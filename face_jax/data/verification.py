@@ -156,19 +156,10 @@ def _as_issame(issame: Any, where: str) -> np.ndarray:
   return out
 
 
-def load_bin(path: PathLike, image_size: Optional[tuple[int, int]] = (112, 112),
-             num_threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
-  """Verification pack -> (images uint8 (2N, H, W, 3) RGB, issame bool (N,)).
+def read_bin(path: PathLike) -> tuple[list[bytes], np.ndarray]:
+  """Verification pack -> (2N encoded images as bytes, issame bool (N,)), not decoded.
 
-  Args:
-    path: the `.bin` file.
-    image_size: (H, W) every image must have; None accepts any size shared by all.
-    num_threads: decoding threads (JPEG decoding releases the GIL).
-  Raises:
-    UnsafePickleError: the pickle names a global outside the allow-list (nothing of it
-      was called).
-    ValueError: the pickle is not `(bins, issame_list)`, counts disagree, or an image
-      cannot be decoded or has another size; the message names the file and image.
+  Raises `UnsafePickleError` / `ValueError` as `load_bin` does for the pickle itself.
   """
   path = os.fspath(path)
   with open(path, "rb") as f:
@@ -200,7 +191,32 @@ def load_bin(path: PathLike, image_size: Optional[tuple[int, int]] = (112, 112),
   if len(bins) != 2 * len(issame):
     raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs "
                      f"(expected {2 * len(issame)})")
-  encoded = [_as_bytes(item, k, path) for k, item in enumerate(bins)]
+  return [_as_bytes(item, k, path) for k, item in enumerate(bins)], issame
+
+
+def load_bin(path: PathLike, image_size: Optional[tuple[int, int]] = (112, 112),
+             num_threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """Verification pack -> (images uint8 (2N, H, W, 3) RGB, issame bool (N,)).
+
+  Args:
+    path: the `.bin` file.
+    image_size: (H, W) every image must have; None accepts any size shared by all.
+    num_threads: decoding threads (JPEG decoding releases the GIL).
+  Raises:
+    UnsafePickleError: the pickle names a global outside the allow-list (nothing of it
+      was called).
+    ValueError: the pickle is not `(bins, issame_list)`, counts disagree, or an image
+      cannot be decoded or has another size; the message names the file and image.
+  """
+  path = os.fspath(path)
+  encoded, issame = read_bin(path)
+  return decode_pairs(encoded, issame, path, image_size, num_threads)
+
+
+def decode_pairs(encoded: Sequence[bytes], issame: np.ndarray, path: str,
+                 image_size: Optional[tuple[int, int]] = (112, 112),
+                 num_threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """2N encoded images -> (uint8 (2N, H, W, 3), issame); errors name `path` and image."""
 
   def decode(k: int) -> np.ndarray:
     return decode_image(encoded[k], f"{path}: image {k} (pair {k // 2})")
