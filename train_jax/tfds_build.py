@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
@@ -186,9 +187,18 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata["derived"] = self.derived
 
 
-def build(builder: LocalBuilder) -> dict[str, Any]:
+def build(builder: LocalBuilder, overwrite: bool = False) -> dict[str, Any]:
   """Runs the build (TFDS shows per-split progress bars) and returns the summary:
-  {"dir", "splits": {name: {"examples", "bytes", "skipped"}}, "skipped": [messages]}."""
+  {"dir", "splits": {name: {"examples", "bytes", "skipped"}}, "skipped": [messages]}.
+
+  An existing build of the same name and version is an error (TFDS would silently
+  keep it, whatever the inputs now are) unless `overwrite`, which deletes it first.
+  """
+  if os.path.exists(builder.data_dir):
+    if not overwrite:
+      raise BuildError(f"{builder.data_dir} already holds a build; remove it, pick another "
+                       "name, or overwrite it (--overwrite)")
+    shutil.rmtree(builder.data_dir)
   builder.download_and_prepare(download_dir=os.path.join(builder.data_dir_root, "downloads"))
   return summary(builder.data_dir)
 
@@ -273,3 +283,32 @@ def texts(values: Any) -> list[str]:
 def as_config(options: Optional[Mapping[str, Any]]) -> tuple:
   """A dict of options -> the sorted ((key, value), ...) a `LocalConfig` holds."""
   return tuple(sorted((options or {}).items()))
+
+
+# --- command-line helpers (simla_jax.data.build, face_jax.data.build) -----------------
+
+def parse_splits(items) -> dict[str, list[str]]:
+  """["train=a.json,b.json", "test=c.json"] -> {"train": ["a.json", "b.json"], ...}."""
+  out = {}
+  for item in items or ():
+    name, sep, paths = item.partition("=")
+    if not sep or not name:
+      raise ValueError(f"--split {item!r}: expected name=path[,path...]")
+    out[name] = [p for p in paths.split(",") if p]
+  return out
+
+
+def parse_options(items) -> dict[str, Any]:
+  """["answer_list=/x.json", "shapes.train_size=1000"] -> {...}; values are JSON when
+  they parse as JSON (numbers, lists, true / false), else strings."""
+  out = {}
+  for item in items or ():
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--option {item!r}: expected key=value")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+

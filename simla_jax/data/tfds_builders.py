@@ -411,6 +411,7 @@ def make_config(builder: str, name: str, splits: dict[str, list[str]], *, image_
                      options=tfds_build.as_config(options))
 
 
-def build(builder: str, config: LocalConfig, out: str) -> dict[str, Any]:
+def build(builder: str, config: LocalConfig, out: str, overwrite: bool = False
+          ) -> dict[str, Any]:
   """Builds `config` with builder `builder` under `out`; returns the summary."""
-  return tfds_build.build(BUILDERS[builder](config=config, data_dir=out))
+  return tfds_build.build(BUILDERS[builder](config=config, data_dir=out), overwrite)

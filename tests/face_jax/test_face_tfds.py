@@ -180,3 +180,19 @@ def test_bad_records_are_counted_named_and_limited(tmp_path, caplog):
   missing = tfds_builders.make_config("face_recordio", "m", {"train": [str(tmp_path / "nope")]})
   with pytest.raises(tfds_build.BuildError, match="nope.rec does not exist"):
     tfds_builders.build("face_recordio", missing, str(tmp_path / "o"))
+
+
+def test_build_command_recordio_with_attributes_and_groups(rec, tmp_path, capsys):
+  from face_jax.data import build  # pylint: disable=import-outside-toplevel
+  root = rec["root"]
+  args = ["--dataset=recordio", f"--data_dir={root}", "--name=cmd", f"--out={tmp_path}",
+          f"--group_of_class={root / 'groups.npy'}", f"--attributes=train={root / 'attrs.npz'}",
+          f"--attributes=meta={root / 'meta_attrs.npz'}"]
+  assert build.main(args) == 0
+  out = capsys.readouterr().out
+  assert "tfds_name=face_recordio/cmd" in out
+  assert [line.split()[:2] for line in out.splitlines() if line.split()[:1] in
+          (["train"], ["meta"])] == [["train", "20"], ["meta", "10"]]
+  assert build.main(["--dataset=verification", f"--data_dir={tmp_path / 'none'}",
+                     f"--out={tmp_path}"]) == 1
+  assert "holds no .bin" in capsys.readouterr().err

@@ -173,3 +173,70 @@ def test_missing_inputs_and_builds_are_named(tmp_path):
   cfg.source, cfg.tfds_dir, cfg.tfds_name = "tfds", str(tmp_path), "simla_captions/nothing"
   with pytest.raises(FileNotFoundError, match="simla_captions/nothing.*build it first"):
     pipeline.make_source(cfg, "train")
+
+
+def test_build_command_preset_prints_summary_and_fails_naming_missing_files(tmp_path, capsys):
+  from simla_jax.data import build  # pylint: disable=import-outside-toplevel
+  for i in range(3):
+    _write_jpeg(tmp_path / f"{i}.jpg", i)
+  (tmp_path / "flickr30k_train.json").write_text(json.dumps(
+      [{"image": f"{i}.jpg", "caption": "a dog", "image_id": i} for i in range(3)]))
+  (tmp_path / "flickr30k_val.json").write_text(json.dumps([{"image": "0.jpg", "caption": ["a"]}]))
+  args = ["--dataset=flickr30k", f"--data_dir={tmp_path}", f"--out={tmp_path / 'out'}"]
+  assert build.main(args) == 1  # flickr30k_test.json is missing
+  assert "flickr30k_test.json does not exist" in capsys.readouterr().err
+  (tmp_path / "flickr30k_test.json").write_text(json.dumps([{"image": "2.jpg", "caption": ["a"]}]))
+  assert build.main(args) == 0
+  out = capsys.readouterr().out
+  assert "tfds_name=simla_captions/flickr30k" in out
+  assert build.main(args) == 1  # an existing build is kept unless --overwrite
+  assert "already holds a build" in capsys.readouterr().err
+  assert build.main(args + ["--overwrite"]) == 0
+  out = capsys.readouterr().out
+  assert [line.split()[:2] for line in out.splitlines() if line.split()[:1] in
+          (["train"], ["val"], ["test"])] == [["train", "3"], ["val", "1"], ["test", "1"]]
+  source = tfds_builders.TfdsCaptionSource(str(tmp_path / "out"), "simla_captions/flickr30k",
+                                           "train")
+  assert [source[i]["image_id"] for i in range(3)] == ["0", "1", "2"]
+
+
+def test_vqa_nlvr_ve_refcoco_builders_parse_their_json(tmp_path):
+  for i in range(2):
+    _write_jpeg(tmp_path / f"{i}.jpg", i)
+  files = {
+      "vqa": [{"image": "0.jpg", "question": "what is it?", "question_id": 7,
+               "answer": ["dog", "dog", "cat"], "dataset": "vqa"},
+              {"image": "1.jpg", "question": "colour?", "question_id": 8, "answer": "red",
+               "dataset": "vg"}],
+      "nlvr": [{"images": ["0.jpg", "1.jpg"], "sentence": "two dogs", "label": "True"}],
+      "ve": [{"image": "1", "sentence": "a dog", "label": "entailment"}],
+      "ref": [{"image": "COCO_train2014_000000000001.jpg", "text": "left dog", "ref_id": 3}],
+  }
+  for name, records in files.items():
+    (tmp_path / f"{name}.json").write_text(json.dumps(records))
+  (tmp_path / "answers.json").write_text(json.dumps(["dog", "cat", "red"]))
+  (tmp_path / "COCO_train2014_000000000001.jpg").write_bytes((tmp_path / "0.jpg").read_bytes())
+  (tmp_path / "dets.json").write_text(json.dumps({"1": [[1, 2, 3, 4], [5, 6, 7, 8]]}))
+  out = str(tmp_path / "out")
+
+  def built(builder, name, options=None):
+    config = tfds_builders.make_config(builder, name, {"train": [str(tmp_path / f"{name}.json")]},
+                                       image_root=str(tmp_path), options=options)
+    tfds_builders.build(builder, config, out)
+    return tfds_build.open_split(out, f"{builder}/{name}", "train")
+
+  vqa = built("simla_vqa", "vqa", {"answer_list": str(tmp_path / "answers.json"),
+                                   "vg_root": str(tmp_path)})
+  assert tfds_build.texts(vqa.source[0]["answers"]) == ["dog", "dog", "cat"]
+  assert tfds_build.texts(vqa.source[1]["answers"]) == ["red"]
+  assert tfds_build.text(vqa.source[1]["dataset"]) == "vg" and vqa.source[0]["question_id"] == 7
+  assert vqa.metadata["answer_list"] == ["dog", "cat", "red"]
+  nlvr = built("simla_nlvr2", "nlvr").source[0]
+  assert nlvr["label"] == 1 and nlvr["image1"] == (tmp_path / "1.jpg").read_bytes()
+  ve = built("simla_snli_ve", "ve").source[0]
+  assert tfds_build.text(ve["image_path"]) == "1.jpg" and tfds_build.text(ve["label"]) == "entailment"
+  ref = built("simla_refcoco", "ref", {"dets": str(tmp_path / "dets.json")}).source[0]
+  np.testing.assert_array_equal(ref["proposals"], [[1, 2, 3, 4], [5, 6, 7, 8]])
+  (tmp_path / "bad.json").write_text(json.dumps([{"image": "0.jpg", "question": "q"}]))
+  with pytest.raises(tfds_build.BuildError, match=r"bad.json record 0: needs 'question_id'"):
+    built("simla_vqa", "bad")
