@@ -10,6 +10,9 @@ sensor noise) into a temporary directory, then times, on this machine:
   element  read + decode + random flip + (x/255 - 0.5)/0.5, one thread, no grain
   grain    the training pipeline (`train_dataset`), batches of --batch_size, with
            1..N read threads
+  tfds     the same pack built once into a TFDS array_record dataset
+           (face_jax.data.build's face_recordio builder; build time printed): read
+           through TfdsFaceSource, and the grain pipeline over it
 (element and grain rows once per available decoder: simplejpeg, Pillow).
 "per core" divides by the CPU seconds the process used (all threads), so it stays
 meaningful on a shared machine; wall-clock images/s are printed beside it.
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from face_jax.data import pipeline  # pylint: disable=wrong-import-position
 from face_jax.data import recordio  # pylint: disable=wrong-import-position
+from face_jax.data import tfds_builders  # pylint: disable=wrong-import-position
 
 
 def fixture_images(n: int, size: int, seed: int):
@@ -125,6 +129,27 @@ def main():
         row(f"grain ({decoder}), {threads} thread(s)", *timed(batch_of, args.seconds))
         it.close()
     recordio.simplejpeg = installed
+
+    t0 = time.perf_counter()
+    out = os.path.join(tmp, "tfds")
+    tfds_builders.build("face_recordio", tfds_builders.make_config(
+        "face_recordio", "bench", {"train": [prefix]}), out)
+    built = tfds_builders.TfdsFaceSource(out, "face_recordio/bench")
+    print(f"tfds build of the pack: {time.perf_counter() - t0:.1f} s")
+
+    def read_tfds():
+      for i in order:
+        built.read(i)
+      return n
+    row("tfds read (array_record)", *timed(read_tfds, args.seconds))
+    for threads in (int(t) for t in args.threads.split(",")):
+      it = iter(pipeline.train_dataset(built, batch_size=args.batch_size, seed=0,
+                                       image_size=(args.image_size, args.image_size),
+                                       read_threads=threads, prefetch_batches=2 * threads))
+      next(it)
+      batch_of = lambda it=it: len(next(it)["label"])
+      row(f"tfds grain ({decoders[0][0]}), {threads} thread(s)", *timed(batch_of, args.seconds))
+      it.close()
     rec.close()
 
 

@@ -1,7 +1,8 @@
 """Input pipelines alone: examples/s wall and per CPU-second, against the step they feed.
 
   python benchmarks/bench_input.py [--pipelines simla_default,simla_small,simla_base,
-      face_synthetic,face_rec] [--seconds 10] [--threads 0] [--results benchmarks/results.jsonl]
+      simla_base_tfds,face_synthetic,face_rec,face_rec_tfds] [--seconds 10] [--threads 0]
+      [--results benchmarks/results.jsonl]
 
 Pipelines (each the one the training run uses, on data made here, nothing downloaded):
   simla_default   simla_jax.data.pipeline.make_train_iterator, shapes world, configs/simla.py
@@ -10,9 +11,14 @@ Pipelines (each the one the training run uses, on data made here, nothing downlo
   simla_base      configs/simla.py:paper's data pipeline (256 px view with its augmentation,
                   128 px dVAE view, BEiT block masks, WordPiece) on caption JSON + JPEG files
                   made here (480x640, quality 90; a generated vocab.txt); batch 64, text 30
+  simla_base_tfds simla_base with the same files built into a TFDS array_record dataset
+                  (simla_jax.data.build's builder) and read with data.source="tfds"
   face_synthetic  face_jax.train's synthetic biased faces with the meta batch (configs/mvcom.py)
   face_rec        face_jax.data.pipeline.train_dataset over an insightface .rec written here
                   (112 px JPEGs, benchmarks/bench_face_input.py's fixture), batch 128
+  face_rec_tfds   face_rec with that .rec built into a TFDS face_recordio dataset
+                  (face_jax.data.build's builder), read through TfdsFaceSource
+The build time of the TFDS rows is not timed (a build is done once).
 
 "per CPU-second" divides by the CPU time of this process, all threads (worker processes
 are off: --threads sets grain read threads), so it is the rate per core on a shared
@@ -36,12 +42,15 @@ from PIL import Image  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
-PIPELINES = ("simla_default", "simla_small", "simla_base", "face_synthetic", "face_rec")
+PIPELINES = ("simla_default", "simla_small", "simla_base", "simla_base_tfds", "face_synthetic",
+             "face_rec", "face_rec_tfds")
 # Which step measurements (bench, sizes, row) each pipeline feeds.
 FEEDS = {"simla_default": ("simla", ("default",), None), "simla_small": ("simla", ("small",), None),
          "simla_base": ("simla", ("base",), None),
+         "simla_base_tfds": ("simla", ("base",), None),
          "face_synthetic": ("mvcom", ("default",), "mvcom"),
-         "face_rec": ("mvcom", ("r18", "r50", "r100"), "mvcom")}
+         "face_rec": ("mvcom", ("r18", "r50", "r100"), "mvcom"),
+         "face_rec_tfds": ("mvcom", ("r18", "r50", "r100"), "mvcom")}
 
 
 def timed(next_batch, seconds: float) -> tuple[int, float, float]:
@@ -55,13 +64,20 @@ def timed(next_batch, seconds: float) -> tuple[int, float, float]:
 
 def _simla_config(name: str, threads: int, tmp: str):
   from configs import simla as simla_config
-  c = simla_config.get_config("paper" if name == "simla_base" else None)
+  c = simla_config.get_config("paper" if name.startswith("simla_base") else None)
   if name == "simla_small":
     c.batch_size, c.data.max_len = 8, 30
-  elif name == "simla_base":   # the paper's data config on files made here
+  elif name.startswith("simla_base"):   # the paper's data config on files made here
     c.batch_size, c.data.max_len = 64, 30
     c.data.captions.update(train_files=(_caption_fixture(tmp),), image_root=tmp)
     c.data.tokenizer.vocab_file = _vocab_fixture(tmp)
+    if name == "simla_base_tfds":
+      from simla_jax.data import tfds_builders
+      out = os.path.join(tmp, "tfds")
+      tfds_builders.build("simla_captions", tfds_builders.make_config(
+          "simla_captions", "bench", {"train": list(c.data.captions.train_files)},
+          image_root=tmp), out)
+      c.data.update(source="tfds", tfds_dir=out, tfds_name="simla_captions/bench")
   c.data.loader.update(num_threads=threads, prefetch_buffer_size=2 * threads, worker_count=0)
   return c
 
@@ -114,12 +130,19 @@ def face_synthetic(threads: int):
   return c.batch_size, lambda: len(next(it)["label"]), it
 
 
-def face_rec(threads: int, tmp: str, batch: int = 128, n: int = 2048):
+def face_rec(threads: int, tmp: str, batch: int = 128, n: int = 2048, tfds: bool = False):
   from benchmarks import bench_face_input
   from face_jax.data import pipeline, recordio
   prefix = os.path.join(tmp, "train")
-  recordio.write_recordio(prefix, bench_face_input.fixture_images(n, 112, 0), jpeg_quality=95)
+  if not os.path.exists(prefix + ".rec"):
+    recordio.write_recordio(prefix, bench_face_input.fixture_images(n, 112, 0), jpeg_quality=95)
   rec = recordio.RecordIO(prefix)
+  if tfds:
+    from face_jax.data import tfds_builders
+    out = os.path.join(tmp, "tfds")
+    tfds_builders.build("face_recordio", tfds_builders.make_config(
+        "face_recordio", "bench", {"train": [prefix]}), out)
+    rec = tfds_builders.TfdsFaceSource(out, "face_recordio/bench")
   ds = pipeline.train_dataset(rec, batch_size=batch, seed=0, read_threads=max(threads, 1),
                               prefetch_batches=2 * max(threads, 1))
   it = iter(ds)
@@ -173,7 +196,7 @@ def main(argv=None):
       elif name == "face_synthetic":
         batch, next_batch, it = face_synthetic(args.threads)
       else:
-        batch, next_batch, it = face_rec(args.threads, tmp)
+        batch, next_batch, it = face_rec(args.threads, tmp, tfds=name == "face_rec_tfds")
       n, wall, cpu = timed(next_batch, args.seconds)
       if hasattr(it, "close"):
         it.close()
