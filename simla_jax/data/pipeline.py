@@ -68,7 +68,8 @@ def make_source(data_cfg: Any, split: str):
   with `data.source = "tfds"` that split of a TFDS build of either (same examples)."""
   if data_cfg.get("source", "direct") == "tfds":
     from simla_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
-    return tfds_builders.TfdsCaptionSource(data_cfg.tfds_dir, data_cfg.tfds_name, split)
+    return tfds_builders.TfdsCaptionSource(data_cfg.tfds_dir, data_cfg.tfds_name, split,
+                                           data_cfg)
   if data_cfg.name == "shapes":
     return shapes.ShapesSource(data_cfg, split)
   if data_cfg.name == "captions":
@@ -202,6 +203,8 @@ def make_train_iterator(data_cfg: Any, **kwargs) -> grain.DatasetIterator:
 def _captions_of(source, index: int) -> list[str]:
   if isinstance(source, captions.CaptionJsonSource):  # no image decode needed
     return list(source.records[index]["captions"])
+  if hasattr(source, "captions_of"):  # a TFDS build: no image decode needed either
+    return source.captions_of(index)
   return list(source[index]["captions"])
 
 

@@ -24,6 +24,7 @@ pipeline's augmentation, batching and resume are unchanged.
 """
 
 import io
+import json
 import os
 from typing import Any, Iterator, Optional
 
@@ -115,6 +116,28 @@ def shapes_data_config(options: dict[str, Any]):
   return cfg
 
 
+# Keys of `data.shapes` that only set how many examples a split has.
+_SPLIT_SIZES = ("train_size", "val_size", "test_size", "comp_size")
+
+
+def shapes_world(data_cfg) -> dict[str, Any]:
+  """What fixes the pixels and words of a shapes world (JSON-able): image_size and every
+  `shapes` key but the split sizes. A run reading a build must use the same."""
+  world = {k: v for k, v in data_cfg.shapes.to_dict().items() if k not in _SPLIT_SIZES}
+  world["image_size"] = int(data_cfg.image_size)
+  return json.loads(json.dumps(world))  # tuples -> lists, as the metadata holds them
+
+
+def check_shapes_world(built: dict[str, Any], data_cfg, where: str) -> None:
+  """Raises a ValueError naming the first key where `data_cfg` differs from the build."""
+  want = shapes_world(data_cfg)
+  for key in sorted(set(built) | set(want)):
+    if built.get(key) != want.get(key):
+      name = key if key == "image_size" else f"shapes.{key}"
+      raise ValueError(f"{where} was rendered with data.{name}={built.get(key)!r} but the "
+                       f"config has {want.get(key)!r}; build it again or match the config")
+
+
 def encode_png(image: np.ndarray) -> bytes:
   out = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(out, format="PNG")
@@ -144,9 +167,9 @@ class SimlaShapes(LocalBuilder):
 
   def _records(self, split, inputs):
     from simla_jax.data import shapes  # pylint: disable=import-outside-toplevel
-    options = dict(self.builder_config.options)
-    source = shapes.ShapesSource(shapes_data_config(options), split)
-    self.derived[split] = {"options": options}
+    data_cfg = shapes_data_config(dict(self.builder_config.options))
+    source = shapes.ShapesSource(data_cfg, split)
+    self.derived[split] = {"world": shapes_world(data_cfg)}
     for i in range(len(source)):
       ex = source[i]
       yield {"image": encode_png(ex["image"]), "captions": ex["captions"],
@@ -360,15 +383,20 @@ class TfdsCaptionSource:
 
   `[i]` -> {"image": uint8 (H, W, 3), "captions": [str], "index": i, "path": str} plus
   the build's other columns (image_id, boxes, phrases ...), as the direct readers give.
+  With `data_cfg`, a shapes build must have been rendered with its world settings.
   """
 
-  def __init__(self, tfds_dir: str, tfds_name: str, split: str):
+  def __init__(self, tfds_dir: str, tfds_name: str, split: str, data_cfg: Any = None):
     self.split = tfds_build.open_split(tfds_dir, tfds_name, split)
     self.source = self.split.source
     keys = set(self.split.features.keys())
     if not {"image", "captions"} <= keys:
       raise ValueError(f"{self.split.dir}: not an image-caption dataset (features "
                        f"{sorted(keys)}); build it with simla_captions or simla_shapes")
+    if data_cfg is not None and "world" in self.split.metadata:
+      # The shapes vocabulary and captions follow the config: they must be the build's.
+      check_shapes_world(self.split.metadata["world"], data_cfg,
+                         f"{self.split.dir} split {split!r}")
 
   def __len__(self) -> int:
     return len(self.source)
@@ -379,7 +407,7 @@ class TfdsCaptionSource:
   def where(self, index: int) -> str:
     return f"{self.split.dir} split {self.split.name} example {index}"
 
-  def captions(self, index: int) -> list[str]:
+  def captions_of(self, index: int) -> list[str]:
     return tfds_build.texts(self.source[int(index)]["captions"])
 
   def __getitem__(self, index: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ synthetic faces): read back they equal the direct readers; bad records are count
 import io
 import json
 import logging
+import pickle
 
 import ml_collections
 import numpy as np
@@ -87,6 +88,8 @@ def test_recordio_build_holds_bytes_labels_groups_and_attributes(rec):
   np.testing.assert_array_equal(source.identity_ranges, pack.identity_ranges)
   np.testing.assert_array_equal(source.group_of_class, rec["groups"])
   np.testing.assert_array_equal(source.labels(), pack.labels())
+  copy = pickle.loads(pickle.dumps(source))  # what grain worker processes receive
+  assert copy.read(7) == pack.read(7)
 
 
 def test_recordio_batches_equal_the_direct_reader_and_resume_exactly(rec):

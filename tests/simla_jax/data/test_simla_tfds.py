@@ -137,6 +137,9 @@ def test_shapes_world_build_reads_back_the_rendered_examples(tmp_path):
       np.testing.assert_array_equal(got["boxes"], want["boxes"])
       assert (got["captions"], got["phrases"], got["keywords"], got["index"]) == (
           want["captions"], want["phrases"], want["keywords"], want["index"])
+  built_cfg.shapes.noise_std = 5.0  # another world: reading the build must refuse
+  with pytest.raises(ValueError, match=r"rendered with data.shapes.noise_std=4.0 .* has 5.0"):
+    pipeline.make_source(built_cfg, "train")
 
 
 def test_corrupt_and_missing_images_are_counted_named_and_limited(tmp_path, caplog):
