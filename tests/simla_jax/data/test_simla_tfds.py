@@ -64,9 +64,9 @@ def _data_cfg(albef, source, train_files):
   return cfg
 
 
-def _iter(cfg, split="train"):
-  return pipeline.make_train_iterator(cfg, batch_size=4, split=split, process_index=0,
-                                      process_count=1)
+def _iter(cfg, split="train", process_index=0, process_count=1):
+  return pipeline.make_train_iterator(cfg, batch_size=4, split=split,
+                                      process_index=process_index, process_count=process_count)
 
 
 def _assert_equal(a, b):
@@ -106,6 +106,18 @@ def test_train_batches_equal_the_direct_reader_and_resume_exactly(albef):
   resumed.set_state(state)
   for want in expected:
     _assert_equal(next(resumed), want)
+
+
+
+def test_process_shards_equal_the_direct_readers_shards(albef):
+  files = [albef["files"]["pretrain"], albef["files"]["pretrain2"]]
+  for pi in range(2):
+    direct = _iter(_data_cfg(albef, "direct", files), process_index=pi, process_count=2)
+    built = _iter(_data_cfg(albef, "tfds", files), process_index=pi, process_count=2)
+    batches = [next(built) for _ in range(3)]
+    for got in batches:
+      _assert_equal(got, next(direct))
+    assert {int(i) % 2 for b in batches for i in b["index"]} == {pi}
 
 
 def test_eval_data_equals_the_direct_reader(albef):
