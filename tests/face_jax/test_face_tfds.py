@@ -199,3 +199,30 @@ def test_build_command_recordio_with_attributes_and_groups(rec, tmp_path, capsys
   assert build.main(["--dataset=verification", f"--data_dir={tmp_path / 'none'}",
                      f"--out={tmp_path}"]) == 1
   assert "holds no .bin" in capsys.readouterr().err
+
+
+def test_real_data_task_reads_a_build_like_the_files(rec):
+  """The MvCoM real-data task (train + meta batches, groups, variations) gives the same
+  batches from the build (groups from its metadata) as from the .rec files."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from configs import mvcom as mvcom_config  # pylint: disable=import-outside-toplevel
+  from face_jax import train  # pylint: disable=import-outside-toplevel
+
+  def task(**data):
+    c = mvcom_config.get_config("l2rw")
+    c.batch_size = 4
+    c.model.update(layers=(1,), widths=(4,), embed_dim=8)
+    c.data.update(name="real", image_size=SIZE, meta_batch_size=2, read_threads=1,
+                  prefetch_batches=2, train_variation_rate=0.5, **data)
+    c.mvcom.factors = (("group", 3), ("pose", 1))
+    return train.make_task_with(c, optax.sgd(0.1), optax.constant_schedule(0.1))
+
+  root = rec["root"]
+  direct = task(rec_prefix=str(root / "train"), meta_rec_prefix=str(root / "meta"),
+                group_of_class=str(root / "groups.npy"))
+  built = task(source="tfds", tfds_dir=rec["out"], tfds_name="face_recordio/tiny",
+               tfds_meta_split="meta")
+  for _ in range(6):  # past the first epoch of the 20-image pack
+    want, got = next(direct.train_data), next(built.train_data)
+    assert set(got) >= {"group", "meta_group", "meta_image", "pose"}
+    _assert_equal(got, want)
