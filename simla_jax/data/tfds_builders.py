@@ -191,7 +191,7 @@ class SimlaVqa(LocalBuilder):
         "image": tfds_build.encoded_feature(),
         "image_path": Text(),
         "question": Text(),
-        "question_id": Scalar(np.int64),
+        "question_id": Text(),          # as the JSON gives it (int or string), as text
         "answers": Seq(Text()),         # empty for test questions
         "dataset": Text(),              # "vqa" | "vg"
     })
@@ -215,7 +215,7 @@ class SimlaVqa(LocalBuilder):
         where = f"{path} record {k}"
         image = _field(record, "image", str, where)
         question = _field(record, "question", str, where)
-        qid = _field(record, "question_id", (int, str), where)
+        qid = str(_field(record, "question_id", (int, str), where))
         dataset = record.get("dataset", "vqa")
         if dataset not in ("vqa", "vg"):
           raise BuildError(f"{where}: 'dataset' is {dataset!r}, expected 'vqa' or 'vg'")
@@ -223,10 +223,6 @@ class SimlaVqa(LocalBuilder):
         answers = [answers] if isinstance(answers, str) else answers
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
           raise BuildError(f"{where}: 'answer' must be a string or a list of strings")
-        try:
-          qid = int(qid)
-        except ValueError:
-          raise BuildError(f"{where}: question_id {qid!r} is not an integer") from None
         root = cfg.option("vg_root", "") if dataset == "vg" else cfg.image_root
         try:
           data = _image(root, image, where)
@@ -350,6 +346,8 @@ class SimlaRefcoco(LocalBuilder):
         image = _field(record, "image", str, where)
         text = _field(record, "text", str, where)
         ref_id = _field(record, "ref_id", (int, str), where)
+        if not str(ref_id).isdigit():
+          raise BuildError(f"{where}: ref_id {ref_id!r} is not a non-negative integer")
         boxes = dets.get(_coco_image_id(image) or "", [])
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else \
             np.zeros((0, 4), np.float32)

@@ -244,7 +244,7 @@ def test_vqa_nlvr_ve_refcoco_builders_parse_their_json(tmp_path):
                                    "vg_root": str(tmp_path)})
   assert tfds_build.texts(vqa.source[0]["answers"]) == ["dog", "dog", "cat"]
   assert tfds_build.texts(vqa.source[1]["answers"]) == ["red"]
-  assert tfds_build.text(vqa.source[1]["dataset"]) == "vg" and vqa.source[0]["question_id"] == 7
+  assert tfds_build.text(vqa.source[1]["dataset"]) == "vg" and tfds_build.text(vqa.source[0]["question_id"]) == "7"
   assert vqa.metadata["answer_list"] == ["dog", "cat", "red"]
   nlvr = built("simla_nlvr2", "nlvr").source[0]
   assert nlvr["label"] == 1 and nlvr["image1"] == (tmp_path / "1.jpg").read_bytes()
