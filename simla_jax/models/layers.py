@@ -69,6 +69,74 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
   return ((1.0 - mask.astype(jnp.float32)) * MASK_BIAS)[:, None, None, :]
 
 
+# What `jax.nn.dot_product_attention(implementation="cudnn")` accepts, in jax 0.10.2 and
+# 0.11.x alike (jax/_src/cudnn/fused_attention_stablehlo.py: check_layout and
+# check_is_flash_attention):
+#   * query, key, value of one dtype, float16 or bfloat16, layout (b, t, h, d) / (b, s, h, d);
+#   * a head width that is a multiple of 8 and at most 256 (128 before Hopper);
+#   * a bias or boolean mask only of the full (., ., t, s) shape: a (b, 1, 1, s) padding bias
+#     is refused ("Bias must have same seq length as QKV, got 1 and s");
+#   * under a gradient, even t and s whatever the mask (its training check always sees a bias:
+#     the placeholder it passes for none), so the ViT's 1 + 16 x 16 tokens are refused;
+#   * padding as `key_value_seq_lengths` (b,) int32: row i attends to keys [0, len_i).
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 256
+
+
+def _pad_to_even(x: jax.Array, axis: int) -> jax.Array:
+  if x.shape[axis] % 2 == 0:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, 1)
+  return jnp.pad(x, pad)
+
+
+def cudnn_attention_args(q: jax.Array, k: jax.Array, v: jax.Array,
+                         bias: jax.Array | None = None) -> tuple[dict[str, jax.Array], int]:
+  """The cuDNN kernel's arguments for the attention the einsum path computes.
+
+  q: (b, t, h, d); k, v: (b, s, h, d), float16 or bfloat16; bias: None or the key padding
+  bias (b, 1, 1, s) of `mask_to_bias` (0 = attend, MASK_BIAS = ignore).
+
+  The padding reaches the kernel as key lengths: each row's attended keys are moved to the
+  front in their order (attention does not depend on the order of its keys, so any padding
+  pattern is exact, right padding being the identity) and counted. A row with no attended
+  key gets its full length: under the additive -10000 bias such a row attends to every key
+  as if unmasked, and so does this (up to the rounding of logit - 10000 in float32). Odd
+  t or s get one more query (its output is dropped) or one more, never attended, key.
+
+  Returns (keyword arguments of `jax.nn.dot_product_attention`: query, key, value and,
+  where keys are masked or padded, key_value_seq_lengths), and t: the output is
+  `dot_product_attention(**args)[:, :t]`.
+  """
+  if q.dtype not in CUDNN_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"attention_impl 'cudnn' needs float16 or bfloat16 queries, keys and "
+                     f"values (model.dtype), got {q.dtype}, {k.dtype}, {v.dtype}; "
+                     f"use 'xla' or 'einsum' in float32")
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  if d % 8 or d > CUDNN_MAX_HEAD_DIM:
+    raise ValueError(f"attention_impl 'cudnn' needs a head width that is a multiple of 8 and "
+                     f"at most {CUDNN_MAX_HEAD_DIM}, got {d}")
+  lengths = None
+  if bias is not None:
+    if bias.shape != (b, 1, 1, s):
+      raise ValueError(f"attention_impl 'cudnn' takes a key padding bias (b, 1, 1, s) = "
+                       f"{(b, 1, 1, s)} from mask_to_bias, got shape {bias.shape}")
+    attend = bias[:, 0, 0, :] > MASK_BIAS / 2                             # b s
+    order = jnp.argsort(~attend, axis=-1, stable=True)                     # attended first
+    k = jnp.take_along_axis(k, order[:, :, None, None], axis=1)
+    v = jnp.take_along_axis(v, order[:, :, None, None], axis=1)
+    count = jnp.sum(attend, axis=-1, dtype=jnp.int32)
+    lengths = jnp.where(count > 0, count, s).astype(jnp.int32)
+  elif s % 2:
+    lengths = jnp.full((b,), s, jnp.int32)
+  args = dict(query=_pad_to_even(q, 1), key=_pad_to_even(k, 1), value=_pad_to_even(v, 1))
+  if lengths is not None:
+    args["key_value_seq_lengths"] = lengths
+  return args, t
+
+
 class Attention(nn.Module):
   """Multi-head attention: queries from `x`, keys and values from `kv`.
 
@@ -78,7 +146,9 @@ class Attention(nn.Module):
     dropout_rate: dropout on the attention probabilities (BERT: 0.1, ViT: 0).
     impl: "einsum" (explicit softmax), or "xla" / "cudnn" for
       `jax.nn.dot_product_attention` when neither probabilities nor attention
-      dropout are needed.
+      dropout are needed. "cudnn" (GPU only) needs float16 / bfloat16 compute and a
+      key padding bias from `mask_to_bias` (see `cudnn_attention_args`); all three
+      give the einsum path's outputs.
   """
   num_heads: int
   features: int
@@ -91,7 +161,8 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array | None = None, *,
                kv_index: jax.Array | None = None, deterministic: bool = True,
                return_probs: bool = False):
-    """x: (b, q, d_q); kv: (b, k, d_kv); bias: additive, broadcastable to (b, h, q, k).
+    """x: (b, q, d_q); kv: (b, k, d_kv); bias: additive, broadcastable to (b, h, q, k)
+    ("cudnn": the key padding bias (b, 1, 1, k) of `mask_to_bias`, or None).
 
     `kv_index` (b,) int: `kv` is (n, k, d_kv) and row i of `x` attends to `kv[kv_index[i]]`;
     keys and values are projected once per row of `kv` and then gathered, so a batch that
@@ -103,6 +174,8 @@ class Attention(nn.Module):
     if self.features % self.num_heads:
       raise ValueError(f"attention width {self.features} is not divisible by "
                        f"{self.num_heads} heads")
+    if self.impl not in ("einsum", "xla", "cudnn"):
+      raise ValueError(f"attention_impl {self.impl!r}: expected einsum, xla or cudnn")
     head_dim = self.features // self.num_heads
 
     def project(name):
@@ -125,12 +198,12 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1)
       dropped = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
+    elif self.impl == "cudnn":
+      args, queries = cudnn_attention_args(q, k, v, bias)
+      out = jax.nn.dot_product_attention(**args, implementation="cudnn")[:, :queries]
     else:
-      if self.impl not in ("xla", "cudnn"):
-        raise ValueError(f"attention_impl {self.impl!r}: expected einsum, xla or cudnn")
-      out = jax.nn.dot_product_attention(
-          q, k, v, bias=None if bias is None else bias.astype(q.dtype),
-          implementation=self.impl)
+      # The bias stays float32 (exactly MASK_BIAS): the xla path adds it to float32 logits.
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
     y = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=partitioned(self.kernel_init, ("heads", "kv", "embed")),
                         bias_init=partitioned(nn.initializers.zeros, ("embed",)),
