@@ -2,7 +2,8 @@
 
 `--config=configs/x.py:arg` selects a variant; `--config.key=value` overrides a key
 (an unknown key is an error naming it). Rerunning the same command resumes from
-the latest checkpoint in the workdir.
+the latest checkpoint in the workdir. Compiled programs are kept in a persistent cache
+(--compile_cache), so a resumed run or a rerun of a config skips most of its compilation.
 """
 
 import importlib
@@ -25,6 +26,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard logs and plots. "
     "Default: runs/<config name>[_<arg>]. An existing workdir is resumed.")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or
+    os.path.join(os.path.expanduser("~"), ".cache", "simla_face_jax_xla"),
+    "Persistent XLA compilation cache directory ('' turns it off). Default: "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/simla_face_jax_xla.")
+_COMPILE_CACHE_MIN_S = flags.DEFINE_float(
+    "compile_cache_min_s", 0.5, "Cache programs whose compilation took at least this many "
+    "seconds: the train step (tens of seconds on a CPU) and the evaluation functions.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (auto-detected on Cloud TPU, "
     "SLURM, or when JAX_COORDINATOR_ADDRESS is set).")
@@ -48,12 +57,24 @@ def _multihost_env() -> bool:
                                        "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
 
 
+def enable_compile_cache(path: str, min_compile_s: float) -> None:
+  """JAX's persistent compilation cache in `path` ('' leaves it off), any entry size."""
+  import jax
+  if not path:   # also over $JAX_COMPILATION_CACHE_DIR, which jax reads at import
+    jax.config.update("jax_compilation_cache_dir", None)
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   import jax  # after flags: XLA_FLAGS from the environment take effect first
+  enable_compile_cache(_COMPILE_CACHE.value, _COMPILE_CACHE_MIN_S.value)
   if _MULTIHOST.value or _multihost_env():
     jax.distributed.initialize()
   from train_jax import loop

@@ -66,6 +66,15 @@ def _check_finite(pending: list[tuple[int, Any]], loss_keys) -> list[tuple[int, 
   return fetched
 
 
+def _compile_step(step_fn, state, batch) -> tuple[Any, dict[str, float]]:
+  """Lowers and compiles the step once, timed: compile time is measured like step time."""
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, {"compile/lower_s": t1 - t0, "compile/compile_s": time.perf_counter() - t1}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_task: Callable[[ml_collections.ConfigDict, Any], Task]) -> TrainState:
   """Trains `config.total_steps` steps of the family's task, resuming from `workdir`."""
@@ -123,6 +132,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _Preemption() as preemption, jax.set_mesh(mesh):
       while step < total:
         batch = sharding.global_batch(next(task.train_data), mesh, task.batch_spec)
+        if step == start:   # the executable every step runs; its compile time in metrics
+          step_fn, timings = _compile_step(step_fn, state, batch)
+          writer.write(step, timings)
+          if is_main:
+            tqdm.tqdm.write(f"Compiled the train step in {timings['compile/compile_s']:.1f} s "
+                            f"(lowering {timings['compile/lower_s']:.1f} s; compilation cache: "
+                            f"{jax.config.jax_compilation_cache_dir or 'off'}).")
         state, step_metrics = step_fn(state, batch)
         step += 1
         pending.append((step, step_metrics))

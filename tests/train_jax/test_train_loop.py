@@ -30,6 +30,11 @@ def _params(workdir):
     return {k: f[k] for k in f.files}
 
 
+def _without_compile_rows(workdir):
+  return [r for r in metrics_lib.read_metrics(str(workdir))
+          if not any(k.startswith("compile/") for k in r)]
+
+
 def _checkpoint_steps(workdir):
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -81,8 +86,9 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  assert ((tmp_path / "straight" / "metrics.jsonl").read_text()
-          == (tmp_path / "killed" / "metrics.jsonl").read_text())
+  # Identical but for the compile-time rows (one per run, timings differ).
+  assert (_without_compile_rows(tmp_path / "straight")
+          == _without_compile_rows(tmp_path / "killed"))
 
 
 @pytest.mark.slow
