@@ -1,104 +1,157 @@
 #!/usr/bin/env bash
-# The benchmarks at paper sizes on one GPU, in under 8 minutes; writes a results table.
+# The benchmarks at paper sizes on one GPU in under 8 minutes, every result kept the moment
+# it exists.
 #
-#   benchmarks/gpu.sh [OUT_DIR]            # GPU: SIMLA base, MvCoM r50, the input pipelines
-#   SMOKE=1 benchmarks/gpu.sh [OUT_DIR]    # any machine: the same sequence at tiny sizes
+#   benchmarks/gpu.sh [OUT_DIR] [SIMLA_REF]            # GPU
+#   SMOKE=1 benchmarks/gpu.sh [OUT_DIR] [SIMLA_REF]    # any machine: tiny sizes (a CPU test)
 #
-# OUT_DIR (default benchmarks/gpu_run) receives results.jsonl (one JSON line per
-# measurement), log.txt (everything printed) and table.md (benchmarks/report.py of the
-# results). Every item has its own time limit and the run skips what would end past the
-# total budget (BUDGET_S, default 470 s), so a slow compile costs one row, not the table.
-# PYTHON selects the interpreter (default: python).
+# OUT_DIR (default benchmarks/gpu_run) receives results.jsonl (one JSON line per measurement,
+# appended as soon as it is measured; one "item" line per command: ok / failed / timeout /
+# skipped), log.txt (everything printed, unbuffered) and table.md (benchmarks/report.py).
+# SIMLA_REF: a copy of the official SIMLA code set up as shared/reference/README.md says
+# (run_ref.py and src/ in it; its interpreter venv/bin/python, or REF_PY); adds the official
+# PyTorch step on the same device beside ours. Nothing is downloaded.
 #
-# Rows (GPU):
-#   matmul   bfloat16 / float32 roofline (the MFU denominator)
-#   simla    base, batch 64, 256 px, bfloat16 compute (float32 params, softmax, losses),
-#            cuDNN attention where no attention dropout/probabilities are needed, dVAE MIM
-#            targets: remat nothing_saveable / dots_with_no_batch_dims_saveable / off
-#   mvcom    IResNet-50, 112 px, batch 128 (+ meta 64), 10000 identities, bfloat16:
-#            plain step vs meta step
-#   input    configs/simla.py:paper's pipeline and the face .rec pipeline, 8 read threads
+# Order: a tiny SIMLA step first (an API break shows in seconds; if cuDNN attention fails
+# there, the SIMLA rows fall back to XLA attention), the matmul roofline (the MFU
+# denominator), the base SIMLA step compiled alone (compile seconds and XLA's buffers are
+# kept even if the step never runs) then run from the persistent cache (step s, examples/s,
+# MFU, peak memory), the official step (bf16 autocast), MvCoM, the input pipelines, then
+# alternatives while the budget lasts. Every item has a time limit; an item that would end
+# past BUDGET_S (default 450 s) is skipped.
+#
+# Environment: PYTHON (default python), BUDGET_S, ONLY (comma-separated item names to run),
+# SCAN (default 1: model.scan_layers=True on the SIMLA rows; 0 leaves the config's
+# default), REF_PY, REF_PYTHONPATH (put first on PYTHONPATH for the official code only: the
+# GPU image's transformers is too new for it, see shared/reference/README.md).
+# Works with the jax the machine has (0.10.2 here, 0.11.x on accelerator images).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 OUT=${1:-benchmarks/gpu_run}
-BUDGET_S=${BUDGET_S:-470}
+REF=${2:-}
+BUDGET_S=${BUDGET_S:-450}
+ONLY=${ONLY:-}
 mkdir -p "$OUT"
 RES="$OUT/results.jsonl"
 LOG="$OUT/log.txt"
 : > "$LOG"
 START=$(date +%s)
+# The base step is compiled once alone, then run from this cache.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/xla_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}
+
+SCAN_OVERRIDE=()
+[[ "${SCAN:-1}" == 1 ]] && SCAN_OVERRIDE=(--override model.scan_layers=True)
 
 if [[ -n "${SMOKE:-}" ]]; then
   LABEL="gpu.sh smoke"
+  DTYPE=float32; ATTENTION=xla         # cuDNN attention needs a GPU and 16-bit compute
+  TINY=(--size tiny --batch 8 --steps 1 --warmup 1)
   MATMUL=(--sizes 256 --dtypes float32)
-  SIMLA=(--size tiny --batch 8 --steps 2 --warmup 1 --dtype float32 --attention xla)
-  SIMLA_RUNS=("--remat --remat_policy nothing_saveable" "")
-  MEMORY=(--size tiny --batch 16 --memory_only)
+  BASE=(--size tiny --batch 8 --steps 2 --warmup 1)
+  BASE_REMAT=(--remat --remat_policy dots_with_no_batch_dims_saveable)
+  MORE_REMAT=("--remat --remat_policy nothing_saveable")
   MVCOM=(--size default --batch 16 --meta_batch 8 --steps 2 --warmup 1 --rows plain,mvcom)
   INPUT=(--pipelines simla_small,face_synthetic --seconds 1 --threads 1)
-  LIMIT_S=300; MVCOM_S=300; MATMUL_S=60; INPUT_S=60
+  REF_ARGS=(--mode time_base --device cpu --tiny_base --steps 1 --warmup 1)
+  SMOKE_S=240; MATMUL_S=60; COMPILE_S=240; RUN_S=240; REF_S=120; MVCOM_S=240; INPUT_S=60
 else
   LABEL="gpu.sh"
+  DTYPE=bfloat16; ATTENTION=cudnn
+  TINY=(--size tiny --batch 8 --steps 2 --warmup 1)
   MATMUL=(--sizes 4096,8192 --dtypes bfloat16,float32)
-  # --model_gflop: the step's FLOPs without remat, traced on a CPU (README): saves a second
-  # trace of the base step and counts the ViT attention that cuDNN hides from XLA.
-  SIMLA=(--size base --batch 64 --steps 10 --dtype bfloat16 --attention cudnn --mim_target dvae
-         --model_gflop 57088.86)
-  SIMLA_RUNS=("--remat --remat_policy nothing_saveable"
-              "--remat --remat_policy dots_with_no_batch_dims_saveable" "")
-  MEMORY=()
+  # --model_gflop: the step's FLOPs without remat, traced on a CPU (benchmarks/README.md):
+  # saves a second trace of the base step and counts the attention cuDNN hides from XLA.
+  BASE=(--size base --batch 64 --steps 10 --mim_target dvae --model_gflop 57088.86)
+  BASE_REMAT=(--remat --remat_policy dots_with_no_batch_dims_saveable)
+  MORE_REMAT=("--remat --remat_policy nothing_saveable" "")
   MVCOM=(--size r50 --batch 128 --meta_batch 64 --classes 10000 --dtype bfloat16 --steps 10
          --rows plain,mvcom)
   INPUT=(--pipelines simla_base,face_rec --seconds 5 --threads 8)
-  # The base step is one large unrolled program: its compile dominates, so it gets the
-  # most time; the remat-policy alternatives run only if the budget is left.
-  LIMIT_S=240; MVCOM_S=120; MATMUL_S=40; INPUT_S=50
+  REF_ARGS=(--mode time_base --device cuda --batch 64)
+  SMOKE_S=90; MATMUL_S=40; COMPILE_S=180; RUN_S=100; REF_S=110; MVCOM_S=100; INPUT_S=50
 fi
 
-# run NAME SECONDS CMD...: runs CMD with a time limit if the budget allows, logs it.
+# note KEY=VALUE...: one line in results.jsonl (date, host, load added), from the shell.
+note() { "$PY" benchmarks/report.py "$RES" --add "$@" > /dev/null; }
+
+# run NAME SECONDS CMD...: CMD under a time limit if the budget allows; its output goes to
+# the log as it comes; an "item" line records how it ended.
 run() {
   local name=$1 limit=$2
   shift 2
   local now=$(( $(date +%s) - START ))
-  if (( now + limit > BUDGET_S )); then
-    echo "== $name: skipped ($now s used, $limit s more would pass ${BUDGET_S} s)" \
-      | tee -a "$LOG"
+  if [[ -n "$ONLY" && ",$ONLY," != *",${name%% *},"* ]]; then
     return 0
+  fi
+  if (( now + limit > BUDGET_S )); then
+    echo "== $name: skipped ($now s used, $limit s more would pass ${BUDGET_S} s)" | tee -a "$LOG"
+    note bench=item "item=$name" status=skipped "at_s=$now" "limit_s=$limit" "label=$LABEL"
+    return 1
   fi
   echo "== $name (limit $limit s, at $now s): $*" | tee -a "$LOG"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  (( rc != 0 )) && echo "== $name: exit status $rc" | tee -a "$LOG"
-  return 0
+  local rc=${PIPESTATUS[0]} took=$(( $(date +%s) - START - now )) status=ok
+  (( rc != 0 )) && status=failed
+  (( rc == 124 || rc == 137 )) && status=timeout
+  (( rc != 0 )) && echo "== $name: $status (exit status $rc after $took s)" | tee -a "$LOG"
+  note bench=item "item=$name" "status=$status" "rc=$rc" "seconds=$took" "limit_s=$limit" \
+    "label=$LABEL"
+  return "$rc"
 }
 
-echo "gpu.sh $(date -Iseconds) on $(hostname); load $(cut -d' ' -f1-3 /proc/loadavg)" \
-  | tee -a "$LOG"
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
-  --format=csv,noheader | tee -a "$LOG"
-
-simla() {  # simla FLAGS...: one bench_simla.py run of the SIMLA size above
-  # shellcheck disable=SC2068  # the flags are words
-  run "simla $*" "$LIMIT_S" "$PY" benchmarks/bench_simla.py "${SIMLA[@]}" $@ --out "$RES" \
-    --label "$LABEL"
+simla() {  # simla NAME SECONDS FLAGS...: one bench_simla.py run
+  local name=$1 limit=$2
+  shift 2
+  run "$name" "$limit" "$PY" benchmarks/bench_simla.py --dtype "$DTYPE" --attention "$ATTENTION" \
+    "${SCAN_OVERRIDE[@]}" "$@" --out "$RES" --label "$LABEL"
 }
 
-# In order of what the targets need, so a tight budget drops the least useful rows.
+official() {  # official NAME AMP: the official PyTorch step, its JSON line kept as a row
+  local name=$1 amp=$2 ref_py=${REF_PY:-$REF/venv/bin/python}
+  [[ -x "$ref_py" ]] || ref_py=$PY
+  local out="$OUT/$name.json"
+  local env=()
+  [[ -n "${REF_PYTHONPATH:-}" ]] && env=(env "PYTHONPATH=$REF_PYTHONPATH${PYTHONPATH:+:$PYTHONPATH}")
+  rm -f "$out"
+  run "$name" "$REF_S" "${env[@]}" "$ref_py" "$REF/run_ref.py" "${REF_ARGS[@]}" --amp "$amp" \
+    --out "$out" || return 0
+  "$PY" benchmarks/report.py "$RES" --add bench=simla_ref "label=$LABEL" "amp=$amp" \
+    --json "$out" > /dev/null
+}
+
+{
+  echo "gpu.sh $(date -Iseconds) on $(hostname); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader
+  "$PY" -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib',
+jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} 2>&1 | tee -a "$LOG"
+
+# An API break (attention, sharding, scan) shows here in seconds, not after a base compile.
+if ! simla smoke "$SMOKE_S" "${TINY[@]}" && [[ "$ATTENTION" == cudnn ]]; then
+  echo "== the tiny step failed with cuDNN attention: the SIMLA rows use XLA attention" \
+    | tee -a "$LOG"
+  ATTENTION=xla
+fi
 run matmul "$MATMUL_S" "$PY" benchmarks/bench_matmul.py "${MATMUL[@]}" --out "$RES"
-simla ${SIMLA_RUNS[0]}
+# Compiled alone first (abstract inputs, nothing run): its compile seconds and buffers are
+# in results.jsonl even if the step then runs out of time; the run compiles from the cache.
+simla "simla compile" "$COMPILE_S" "${BASE[@]}" "${BASE_REMAT[@]}" --memory_only
+simla "simla run" "$RUN_S" "${BASE[@]}" "${BASE_REMAT[@]}"
+[[ -n "$REF" ]] && official "official_bf16" bf16
 run mvcom "$MVCOM_S" "$PY" benchmarks/bench_mvcom.py "${MVCOM[@]}" --out "$RES" --label "$LABEL"
 run input "$INPUT_S" "$PY" benchmarks/bench_input.py "${INPUT[@]}" --results "$RES" --out "$RES" \
   --label "$LABEL"
-for extra in "${SIMLA_RUNS[@]:1}"; do
-  simla $extra
+for extra in "${MORE_REMAT[@]}"; do
+  # shellcheck disable=SC2086  # the flags are words
+  simla "simla ${extra:-no remat}" $(( COMPILE_S + RUN_S / 2 )) "${BASE[@]}" $extra
 done
-if (( ${#MEMORY[@]} )); then
-  run "simla memory" 120 "$PY" benchmarks/bench_simla.py "${MEMORY[@]}" --out "$RES" \
-    --label "$LABEL"
-fi
+[[ -n "$REF" ]] && official "official_fp32" none
 
 if [[ -s "$RES" ]]; then
   "$PY" benchmarks/report.py "$RES" > "$OUT/table.md"

@@ -1,15 +1,20 @@
 """Results file (JSON lines from the benchmarks' --out) -> Markdown tables.
 
   python benchmarks/report.py [benchmarks/results.jsonl] [--since 2025-01-01] [--label TEXT]
+  python benchmarks/report.py RESULTS --add key=value ... [--json FILE]   # append one line
 
-One table per benchmark (simla, mvcom, input, matmul), one row per measurement, with the
-machine, date and load average it was taken under: what benchmarks/README.md's results
-section is kept from.
+One table per benchmark (simla, the official PyTorch step, mvcom, input, matmul, and the
+ledger of benchmarks/gpu.sh's items), one row per measurement, with the machine, date and
+load average it was taken under: what benchmarks/README.md's results section is kept from.
+`--add` appends a record (date, host and load added) without importing jax: how gpu.sh
+keeps the official step's JSON and how each of its items ended.
 """
 
 import argparse
+import datetime
 import json
 import os
+import socket
 
 
 def _f(x, fmt):
@@ -23,7 +28,9 @@ def _gb(x):
 def simla_row(r):
   cpu = r.get("cpu_s")
   return [r["date"][:16].replace("T", " "), r.get("device", ""), r["size"], r["batch"],
-          r["dtype"], r["remat"], r.get("attention", ""), r.get("label", ""),
+          r["dtype"], r["remat"], r.get("attention", ""),
+          " ".join(r.get("overrides") or []) + (" (compile only)" if r.get("memory_only") else ""),
+          r.get("label", ""),
           _f(r.get("step_s"), ".3f"), _f(cpu, ".2f"), _f(r.get("examples_per_s"), ".2f"),
           _f(r.get("compile_s"), ".0f"),
           _f(r.get("model_flops") and r["model_flops"] / 1e9, ".1f"),
@@ -32,7 +39,8 @@ def simla_row(r):
           r.get("load_before", r.get("load", ""))]
 
 
-SIMLA = ["date", "device", "size", "batch", "dtype", "remat", "attention", "label", "step s",
+SIMLA = ["date", "device", "size", "batch", "dtype", "remat", "attention", "overrides", "label",
+         "step s",
          "CPU s", "ex/s", "compile s", "model GFLOP", "MFU %", "XLA peak GB", "traced GB",
          "peak mem GB", "load (1/5/15 min)"]
 
@@ -67,8 +75,71 @@ def matmul_row(r):
 
 MATMUL = ["date", "device", "dtype", "best TFLOP/s", "load (1/5/15 min)"]
 
-KINDS = {"simla": (SIMLA, simla_row), "mvcom": (MVCOM, mvcom_row), "input": (INPUT, input_row),
-         "matmul": (MATMUL, matmul_row)}
+def ref_row(r):
+  return [r["date"][:16].replace("T", " "), r.get("device_name") or r.get("device", ""),
+          r.get("dtype", r.get("amp", "")), r.get("batch"), r.get("label", ""),
+          _f(r.get("step_s_median"), ".3f"), _f(r.get("pairs_per_s"), ".1f"),
+          _f(r.get("peak_mem_gb"), ".1f"), r.get("dvae", ""), r.get("load", "")]
+
+
+REF = ["date", "device", "dtype", "batch", "label", "step s", "pairs/s", "peak mem GB",
+       "dVAE", "load (1/5/15 min)"]
+
+
+def item_row(r):
+  return [r["date"][:16].replace("T", " "), r.get("label", ""), r["item"], r["status"],
+          r.get("rc", ""), r.get("seconds", ""), r.get("limit_s", ""), r.get("load", "")]
+
+
+ITEM = ["date", "label", "item", "status", "exit", "s", "limit s", "load (1/5/15 min)"]
+
+KINDS = {"simla": (SIMLA, simla_row), "simla_ref": (REF, ref_row), "mvcom": (MVCOM, mvcom_row),
+         "input": (INPUT, input_row), "matmul": (MATMUL, matmul_row), "item": (ITEM, item_row)}
+
+
+def _value(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def read_json(path: str) -> dict:
+  """A JSON object file, or the last line of a log that is one ({} if none)."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    record = json.loads(text)
+    return record if isinstance(record, dict) else {"value": record}
+  except json.JSONDecodeError:
+    pass
+  for line in reversed(text.splitlines()):
+    if line.startswith("{"):
+      try:
+        return json.loads(line)
+      except json.JSONDecodeError:
+        continue
+  return {}
+
+
+def add(path: str, pairs: list[str], json_path: str | None) -> dict:
+  """Appends {date, host, load, **json_path's object, **key=value pairs} to `path`."""
+  record = {}
+  if json_path:
+    record = read_json(json_path) if os.path.exists(json_path) else {}
+    if not record:
+      record["error"] = f"no JSON result in {json_path}"
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise SystemExit(f"--add expects key=value, got {pair!r}")
+    record[key] = _value(value)
+  record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "load": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), **record}
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+  return record
 
 
 def markdown(header, rows) -> str:
@@ -83,7 +154,13 @@ def main(argv=None):
                                                           "results.jsonl"))
   p.add_argument("--since", default="", help="ISO date: only measurements from then on")
   p.add_argument("--label", default="", help="only measurements whose label contains this")
+  p.add_argument("--add", nargs="+", metavar="KEY=VALUE",
+                 help="append one record to the results file instead of printing tables")
+  p.add_argument("--json", help="with --add: a file whose JSON object the record extends")
   args = p.parse_args(argv)
+  if args.add:
+    print(json.dumps(add(args.path, args.add, args.json)))
+    return
   with open(args.path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   records = [r for r in records if r.get("date", "") >= args.since

@@ -1,0 +1,72 @@
+"""benchmarks/gpu.sh in SMOKE mode on the CPU: every row it measures lands in results.jsonl
+with its compile s, step s, examples/s, MFU and peak memory, the official step's JSON line
+becomes a row of its own, and an item killed at its limit leaves a row saying so."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Stands in for shared/reference/run_ref.py (the official code cannot run in the test
+# suite): prints what run_ref.py --mode time_base prints, its arguments included, and
+# writes the --out file as it does.
+FAKE_REF = textwrap.dedent("""
+    import json, sys
+    args = sys.argv[1:]
+    out = args[args.index("--out") + 1]
+    res = {"impl": "official-pytorch", "mode": "time_base", "argv": args,
+           "step_s_median": 0.5, "pairs_per_s": 128.0, "peak_mem_gb": None, "batch": 64}
+    print("step 0 (warmup) 0.6s", file=sys.stderr)
+    print(json.dumps(res), flush=True)
+    json.dump(res, open(out, "w"), indent=1)
+""")
+
+
+def _gpu_sh(tmp_path, only, budget_s=400, ref=True):
+  ref_dir = tmp_path / "ref"
+  ref_dir.mkdir(exist_ok=True)
+  (ref_dir / "run_ref.py").write_text(FAKE_REF)
+  env = dict(os.environ, SMOKE="1", ONLY=only, BUDGET_S=str(budget_s), PYTHON=sys.executable,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = tmp_path / "out"
+  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), str(out)]
+                        + ([str(ref_dir)] if ref else []),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget_s + 60)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(out / "results.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  return out, rows, proc.stdout
+
+
+def test_smoke_rows_are_written_as_measured(tmp_path):
+  out, rows, stdout = _gpu_sh(tmp_path, "smoke,matmul,official_bf16")
+  items = {r["item"]: r for r in rows if r.get("bench") == "item"}
+  assert {k: v["status"] for k, v in items.items()} == {
+      "smoke": "ok", "matmul": "ok", "official_bf16": "ok"}
+  (simla,) = [r for r in rows if r.get("bench") == "simla"]
+  assert simla["label"] == "gpu.sh smoke" and simla["size"] == "tiny"
+  assert simla["overrides"] == ["model.scan_layers=True"]
+  for key in ("compile_s", "step_s", "examples_per_s", "mfu", "peak_memory_bytes"):
+    assert simla[key] > 0, key
+  (matmul,) = [r for r in rows if r.get("bench") == "matmul"]
+  assert matmul["tflops"] > 0
+  # The official step: its JSON kept as a row, run as the README of shared/reference says.
+  (ref,) = [r for r in rows if r.get("bench") == "simla_ref"]
+  assert ref["pairs_per_s"] == 128.0 and ref["amp"] == "bf16"
+  assert ref["argv"][:4] == ["--mode", "time_base", "--device", "cpu"]
+  # The order of the file is the order of measurement: nothing waits for the end.
+  kinds = [r.get("item") or r["bench"] for r in rows]
+  assert kinds == ["simla", "smoke", "matmul", "matmul", "official_bf16", "simla_ref"]
+  table = (out / "table.md").read_text()
+  assert "### simla" in table and "### simla_ref" in table and "### item" in table
+  assert "done in" in stdout
+
+
+def test_an_item_past_its_budget_is_skipped_and_recorded(tmp_path):
+  _, rows, stdout = _gpu_sh(tmp_path, "matmul", budget_s=30, ref=False)
+  assert "matmul: skipped" in stdout           # its 60 s limit does not fit in 30 s
+  (item,) = [r for r in rows if r.get("bench") == "item"]
+  assert item["item"] == "matmul" and item["status"] == "skipped"
