@@ -212,7 +212,9 @@ def test_padding_bias_as_given_is_what_cudnn_refused(cudnn_traceable):
   assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr
 
 
-def test_simla_with_cudnn_attention_traces_init_and_gradient(cudnn_traceable, monkeypatch):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan"])
+def test_simla_with_cudnn_attention_traces_init_and_gradient(cudnn_traceable, monkeypatch,
+                                                             scan_layers):
   """Every fused attention of the tiny SIMLA in bfloat16 (ViT of 1 + 4 tokens, padded text,
   cross-attention to the image and to the text) goes through the kernel's checks, at init
   and under a gradient: what crashed at init on the GPU."""
@@ -223,21 +225,24 @@ def test_simla_with_cudnn_attention_traces_init_and_gradient(cudnn_traceable, mo
     calls.append(kwargs.get("implementation"))
     return real(*args, **kwargs)
   monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
-  cfg = ref_config(patch_size=16, dtype="bfloat16", attention_impl="cudnn")
+  cfg = ref_config(patch_size=16, dtype="bfloat16", attention_impl="cudnn",
+                   scan_layers=scan_layers)
   model = SIMLA(cfg)
   images = jnp.zeros((2, cfg.image_size, cfg.image_size, 3))
   ids = jnp.ones((2, 5), jnp.int32)
   mask = jnp.asarray(_right_padded([5, 3], 5))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, ids, mask))["params"]
-  n_vit, n_bert = cfg.vit.depth, cfg.bert.layers
-  # image, text, fusion (self + cross), image-query fusion (self + cross)
-  per_pass = n_vit + n_bert + 4 * n_bert
-  assert calls == ["cudnn"] * per_pass
+  # image, text, fusion (self + cross), image-query fusion (self + cross): one call per
+  # layer unrolled, at least one per stack scanned.
+  per_pass = 6 if scan_layers else cfg.vit.depth + 5 * cfg.bert.layers
+  assert set(calls) == {"cudnn"} and len(calls) >= per_pass
   calls.clear()
 
   def loss(p):
     out = model.apply({"params": p}, images, ids, mask)
     return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(out))
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-  assert calls == ["cudnn"] * per_pass
+  assert set(calls) == {"cudnn"} and len(calls) >= per_pass
+  if not scan_layers:
+    assert len(calls) == per_pass
   assert "dot_product_attention_bwd" in jaxpr
