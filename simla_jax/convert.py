@@ -16,8 +16,8 @@ writer, so a loader written for the per-layer layout serves both.
 Every source key is consumed exactly once; a missing, unexpected or mis-shaped key
 raises `CheckpointError` naming the key and both shapes. Keys the official code
 drops on purpose are listed explicitly per source. Position embeddings of another
-resolution are resized bicubically (`vit.interpolate_pos_embed`). Files are read
-with `torch.load(..., weights_only=True)`; torch is imported only to read them.
+resolution are resized bicubically (`vit.interpolate_pos_embed`). Files are read by
+`checkpoint_io.load_file` (torch's weights-only unpickler; configs as inert data).
 """
 
 import dataclasses
@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from simla_jax import checkpoint_io
 from simla_jax.models import momentum as momentum_lib
 from simla_jax.models import simla as simla_lib
 from simla_jax.models import vit as vit_lib
@@ -247,22 +248,15 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
 def read_state_dict(path_or_state_dict: Any) -> StateDict:
   """A state dict as numpy arrays, from a `.pth`/`.bin`/`.safetensors` file or a mapping.
 
-  A training checkpoint that wraps the state dict under "model" is unwrapped.
+  A training checkpoint that wraps the state dict under "model" is unwrapped; the other
+  entries (optimizer, config) are not converted. Files go through `checkpoint_io.load_file`.
   """
   source = path_or_state_dict
   if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
-    if not os.path.exists(path):
-      raise CheckpointError(f"checkpoint file {path} does not exist")
-    if path.endswith(".safetensors"):
-      import safetensors.torch  # pylint: disable=import-outside-toplevel
-      source = safetensors.torch.load_file(path)
-    else:
-      import torch  # pylint: disable=import-outside-toplevel
-      try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-      except Exception as e:  # the unpickler refuses anything but tensors and containers
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from e
+    try:
+      source = checkpoint_io.load_file(source)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(str(e)) from e
   if not isinstance(source, Mapping):
     raise CheckpointError(f"checkpoint is a {type(source).__name__}, not a state dict")
   if "model" in source and isinstance(source["model"], Mapping):
