@@ -23,6 +23,7 @@ resolution are resized bicubically (`vit.interpolate_pos_embed`). Files are read
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 import flax.traverse_util as traverse_util
@@ -528,13 +529,66 @@ def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any]
   return {k: np.array(v, order="C") for k, v in out.items()}
 
 
-def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
-  """Hugging Face BERT (BertForMaskedLM naming, e.g. bert-base-uncased) into `params["bert"]`.
+def hf_vit_to_timm(state: StateDict) -> StateDict:
+  """Hugging Face ViT / DeiT file naming (`[vit.|deit.]encoder.layer.i.attention.attention.query`,
+  as `save_pretrained` writes it) -> timm naming with fused qkv. Other layouts pass through."""
+  prefix = next((p for p in ("vit.", "deit.", "") if f"{p}embeddings.cls_token" in state), None)
+  if prefix is None:
+    return state
+  simple = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+            "embeddings.position_embeddings": "pos_embed",
+            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+  layer = {"attention.output.dense": "attn.proj", "layernorm_before": "norm1",
+           "layernorm_after": "norm2", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+  out, qkv = {}, {}
+  for key, value in state.items():
+    rel = key[len(prefix):] if key.startswith(prefix) else key
+    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", rel)
+    if rel in simple:
+      out[simple[rel]] = value
+    elif m and m.group(2) in layer:
+      out[f"blocks.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"] = value
+    elif m and m.group(2).startswith("attention.attention."):
+      name = m.group(2).rsplit(".", 1)[-1]
+      qkv.setdefault(f"blocks.{m.group(1)}.attn.qkv.{m.group(3)}", {})[name] = value
+    else:
+      out[key] = value   # classifier, pooler, distillation token: reported or dropped
+  for key, parts in qkv.items():
+    names = ("query", "key", "value")
+    missing = [n for n in names if n not in parts]
+    if missing:
+      raise CheckpointError(f"HF ViT checkpoint: {key} lacks attention {missing}")
+    out[key] = np.concatenate([parts[n] for n in names], axis=0)
+  return out
 
-  Embeddings, self-attention, FFN and the MLM head are replaced; the cross-attention
-  of every layer keeps its values from `params` (freshly initialised), as in the
-  official code. Token-type embeddings, pooler and NSP head are dropped.
-  Returns a new params tree (numpy leaves where loaded).
+
+# Hugging Face ViT heads and timm/DeiT classifiers: not part of the SIMLA ViT.
+VIT_DROPPED = DEIT_DROPPED + ("classifier.weight", "classifier.bias", "pooler.dense.weight",
+                              "pooler.dense.bias", "vit.pooler.dense.weight",
+                              "vit.pooler.dense.bias", "fc_norm.weight", "fc_norm.bias")
+
+
+def vit_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> dict[Path, np.ndarray]:
+  """DeiT / timm (state dict possibly under "model") or Hugging Face ViT weights ->
+  {Flax path under the params root: array} for the ViT; the position embedding resized to
+  `cfg.image_size`. The MIM `mask_token` is absent unless the checkpoint has one (DeiT has
+  none: the official model keeps its initial zeros)."""
+  state = hf_vit_to_timm(read_state_dict(path_or_state_dict))
+  rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
+  return apply_rules(state, rules, flat_shapes(simla_lib.abstract_params(per_layer_config(cfg))),
+                     dropped=VIT_DROPPED, optional=("mask_token",), source="ViT checkpoint")
+
+
+def bert_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> dict[Path, np.ndarray]:
+  """Hugging Face BERT (BertForMaskedLM / BertForPreTraining naming, e.g. bert-base-uncased)
+  -> {Flax path: array} for the embeddings, self-attention, FFN and MLM head of every layer.
+
+  No cross-attention leaf is returned: the official code (`BertForMaskedLM.from_pretrained`
+  with `add_cross_attention`) leaves every `crossattention.*` weight at its fresh
+  N(0, 0.02) / LayerNorm 1, 0 / bias 0 init. Token types, pooler and NSP head are dropped
+  (BLIP's embeddings have no token types).
   """
   state = _rename_hf_layer_norm(read_state_dict(path_or_state_dict))
   if not any(k.startswith("bert.") for k in state):
@@ -542,22 +596,18 @@ def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict
                           "('bert.*', 'cls.predictions.*'), found keys like "
                           f"{sorted(state)[:3]}")
   rules = bert_rules(cfg, "bert.", ("bert",), cross_attention=False) + mlm_rules("cls.", ("bert",))
+  return apply_rules(state, rules, flat_shapes(simla_lib.abstract_params(per_layer_config(cfg))),
+                     dropped=HF_BERT_DROPPED, source="Hugging Face BERT checkpoint")
+
+
+def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
+  """`bert_init_leaves` written into a copy of `params` (unboxed; cross-attention kept)."""
   params = unstack_layers(params, cfg)
-  filled = apply_rules(state, rules, flat_shapes(params), dropped=HF_BERT_DROPPED,
-                       source="Hugging Face BERT checkpoint")
-  return stack_layers(replace_leaves(params, filled, ()), cfg)
+  return stack_layers(replace_leaves(params, bert_init_leaves(path_or_state_dict, cfg), ()), cfg)
 
 
 def load_vit_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
-  """DeiT / timm ViT (state dict possibly under "model") into `params["vit"]`.
-
-  The classifier head is dropped; the MIM `mask_token` keeps its value from `params`
-  when the checkpoint has none (DeiT); the position embedding is resized to
-  `cfg.image_size`. Returns a new params tree.
-  """
-  state = read_state_dict(path_or_state_dict)
-  rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
+  """`vit_init_leaves` written into a copy of `params` (unboxed; `mask_token` kept when
+  the checkpoint has none)."""
   params = unstack_layers(params, cfg)
-  filled = apply_rules(state, rules, flat_shapes(params), dropped=DEIT_DROPPED,
-                       optional=("mask_token",), source="ViT checkpoint")
-  return stack_layers(replace_leaves(params, filled, ()), cfg)
+  return stack_layers(replace_leaves(params, vit_init_leaves(path_or_state_dict, cfg), ()), cfg)

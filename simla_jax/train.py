@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from simla_jax import objectives as obj
+from simla_jax import pretrained
 from simla_jax import retrieval
 from simla_jax.data import masks as masks_lib
 from simla_jax.data import mim_targets
@@ -192,12 +193,16 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
   return train_step
 
 
-def make_init(config, model: SIMLA, tx, targeter):
-  """rng -> TrainState with params, momentum copies, ITC queues and frozen MIM targets."""
+def make_init(config, model: SIMLA, tx, targeter, public_weights=None):
+  """rng -> TrainState with params, momentum copies, ITC queues and frozen MIM targets.
+
+  `public_weights` ({Flax path: array}, `pretrained.load_public_weights`) replace the
+  random values before the momentum copies are taken (momentum = online at step 0).
+  """
 
   def init(rng):
     k_params, k_queues, k_state = jax.random.split(rng, 3)
-    params = init_params(model, k_params)
+    params = pretrained.with_weights(init_params(model, k_params), public_weights or {})
     extras = dict(momentum=init_momentum(params),
                   mim_target=jax.tree.map(jnp.asarray, targeter.init_state()),
                   **init_queues(k_queues, config.queue_size, model.config.embed_dim))
@@ -209,11 +214,14 @@ def make_init(config, model: SIMLA, tx, targeter):
 def make_task(config, mesh) -> Task:
   del mesh  # shardings come from the params' logical axis names
   check_config(config)
+  init_cfg = config.get("init") or pretrained.init_config()
+  pretrained.check_files(init_cfg)     # before any data is read: a missing file is named
   tokenizer = pipeline.make_tokenizer(config.data)
   targeter = mim_targets.MimTargeter(config.data.mim)
   model = SIMLA(resolve_model_config(config, tokenizer, targeter))
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
-  init = make_init(config, model, tx, targeter)
+  init = make_init(config, model, tx, targeter,
+                   pretrained.load_public_weights(init_cfg, model.config))
   train_data = pipeline.make_train_iterator(
       config.data, batch_size=config.batch_size // jax.process_count(), tokenizer=tokenizer)
   evaluator = retrieval.Evaluator(model, config.eval, config.data, tokenizer)
