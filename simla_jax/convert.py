@@ -1,12 +1,15 @@
 """PyTorch checkpoints <-> SIMLA Flax parameters.
 
 Sources:
-  * the official SIMLA pretraining checkpoint (`Pretrain.py` saves {"model": state_dict, ...}):
-    `load_official_checkpoint` -> (params, momentum params, queues); `to_official_state_dict`
-    writes the same layout back;
-  * Hugging Face `bert-base-uncased` (BertForMaskedLM naming): `load_bert_checkpoint`;
+  * official SIMLA checkpoints of every layout (`Pretrain.py`, `Retrieval.py`, `Grounding.py`,
+    `VE.py`, `NLVR.py`, `VQA.py`, `Pretrain_NLVR.py` save {"model": state_dict, "config", ...}),
+    and ALBEF's where only names differ: `read_official_checkpoint` -> `OfficialCheckpoint`
+    (params, momentum params, queues, task heads, config), `load_official_checkpoint` ->
+    (params, momentum params, queues); `to_official_state_dict` writes the pretraining layout;
+  * Hugging Face `bert-base-uncased` (BertForMaskedLM naming): `bert_init_leaves`;
     cross-attention is left as initialised, as the official code does;
-  * DeiT / timm ViT checkpoints (e.g. deit_base_patch16_224-b5f2ef4d.pth): `load_vit_checkpoint`.
+  * DeiT / timm or Hugging Face ViT checkpoints (e.g. deit_base_patch16_224-b5f2ef4d.pth):
+    `vit_init_leaves`.
 
 The rule tables name the per-layer layout (`vit/block_i`, `bert/layer_i`); a model with
 `scan_layers` stacks them (`vit/blocks`, `bert/encoder/layer`, leading `layers` axis), and
@@ -21,6 +24,7 @@ resolution are resized bicubically (`vit.interpolate_pos_embed`). Files are read
 """
 
 import dataclasses
+import fnmatch
 import math
 import os
 import re
@@ -463,50 +467,265 @@ def unstack_layers(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
 
 # --- public loaders ----------------------------------------------------------------------------
 
-def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict):
-  """Official SIMLA pretraining checkpoint -> (params, params_m, queues), numpy leaves.
+def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, *,
+                             ignore_missing: Iterable[str] = (),
+                             ignore_unexpected: Iterable[str] = ()):
+  """An official SIMLA (or ALBEF-named) checkpoint of any layout -> (params, params_m,
+  queues), numpy leaves; `read_official_checkpoint` says what each layout holds.
 
   Args:
-    path_or_state_dict: a `.pth` written by the official `Pretrain.py` (state dict under
-      "model"), or the state dict itself (torch tensors or numpy arrays).
+    path_or_state_dict: a `.pth` written by an official script (state dict under "model";
+      configs beside it read as inert data), or the state dict itself.
     cfg: the model config (configs/simla_model.py); the position embedding is resized
       when `cfg.image_size` differs from the checkpoint's.
+    ignore_missing / ignore_unexpected: fnmatch patterns over the file's key names of
+      tensors the target may lack / does not use.
   Returns:
-    params: the online tree of `SIMLA(cfg)`; params_m: the momentum tree
-    (`momentum.MOMENTUM_MODULES`); queues: {"image_queue", "text_queue": (queue_size,
-    embed_dim), "queue_ptr": int32 ()} (the official buffers are (embed_dim, queue_size)).
+    params: the online tree of `SIMLA(cfg)` (pretraining layout: complete; fine-tuned
+    layouts: the modules they hold); params_m: the momentum tree or None; queues:
+    {"image_queue", "text_queue": (queue_size, embed_dim), "queue_ptr": int32 (),
+    "idx_queue": int (queue_size,)} as far as the file has them (the official buffers
+    are (embed_dim, queue_size)).
   """
-  state = read_state_dict(path_or_state_dict)
-  abstract = simla_lib.abstract_params(cfg)
-  expected = {**flat_shapes(abstract, ("params",)),
-              **flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
-  queue_keys = ("image_queue", "text_queue", "queue_ptr")
-  queues, problems = {}, []
+  ck = read_official_checkpoint(path_or_state_dict, cfg, ignore_missing=ignore_missing,
+                                ignore_unexpected=ignore_unexpected)
+  return ck.params, ck.params_m, ck.queues
+
+
+# --- every official layout ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class OfficialCheckpoint:
+  """An official checkpoint, converted (numpy leaves).
+
+  layout     which official model saved it (see LAYOUT_MODULES)
+  albef      ALBEF's BERT naming (xbert, with token-type embeddings)
+  params     online Flax tree, restricted to the modules the layout holds
+  params_m   momentum tree (same restriction), None when the file has no momentum copies
+  queues     "image_queue", "text_queue" (Q, E), "queue_ptr" (), "idx_queue" (Q,) as present
+  extras     tensors of task heads SIMLA(cfg) has no place for (`cls_head.*`, `text_decoder.*`,
+             `ta_head.*`), under their official names
+  absent     "params/<module>" / "params_m/<module>" of SIMLA(cfg) the file does not hold
+             (fill them from an init with `merge_params`)
+  config     the config saved beside the weights, as plain data (None if none)
+  """
+  layout: str
+  albef: bool
+  params: Any
+  params_m: Any
+  queues: dict[str, np.ndarray]
+  extras: StateDict
+  absent: tuple[str, ...]
+  config: Any = None
+
+
+# Online modules each official model class holds (its momentum copies hold the same minus
+# itm_head and temp). Module names: the Flax top-level keys, plus "mask_token" (the ViT's
+# MIM token) and "mlm_head" (the BERT's MLM head, official `text_encoder.cls.*`).
+LAYOUT_MODULES = {
+    # models/simla/pretrain.py (Pretrain.py)
+    "pretrain": ("vit", "mask_token", "bert", "mlm_head", "vision_proj", "text_proj",
+                 "itm_head", "mim_head", "concept_head", "temp"),
+    # ALBEF's pretraining model: no MIM / PSL heads
+    "albef_pretrain": ("vit", "bert", "mlm_head", "vision_proj", "text_proj", "itm_head", "temp"),
+    # models/simla/retrieval.py (Retrieval.py, Grounding.py, zero_shot_retrieval.py)
+    "retrieval": ("vit", "bert", "vision_proj", "text_proj", "itm_head", "temp"),
+    # models/simla/ve.py, nlvr.py, vqa.py: encoders + a task head kept in `extras`
+    "ve": ("vit", "bert"),
+    "nlvr": ("vit", "bert"),
+    "vqa": ("vit", "bert"),
+    # models/simla/pretrain_nlvr.py: + ta_head in `extras`
+    "nlvr_pretrain": ("vit", "bert", "vision_proj", "text_proj", "temp"),
+}
+EXTRA_PREFIXES = ("cls_head.", "cls_head_m.", "text_decoder.", "text_decoder_m.", "ta_head.")
+_QUEUES = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
+
+
+def canonical_key(key: str) -> str:
+  """Downstream scripts strip `.bert.` from the text encoder's keys: one name for both."""
+  for enc in ("text_encoder.", "text_encoder_m."):
+    if key.startswith(enc + "bert."):
+      return enc + key[len(enc) + len("bert."):]
+  return key
+
+
+def _module(rule: Rule) -> tuple[str, str]:
+  """(tree, module) a rule fills."""
+  path = rule.paths[0]
+  if path[1] == "vit" and path[-1] == "mask_token":
+    return path[0], "mask_token"
+  if path[1] == "bert" and ".cls." in rule.key:
+    return path[0], "mlm_head"
+  return path[0], path[1]
+
+
+def _group(path: Path) -> Path:
+  """A Flax leaf's module for `OfficialCheckpoint.absent`: ("params", "vit"),
+  ("params", "bert", "mlm_head"), ("params", "vit", "mask_token"), ..."""
+  if path[1:3] in (("bert", "mlm_head"), ("vit", "mask_token")):
+    return path[:3]
+  return path[:2]
+
+
+def detect_layout(state: StateDict) -> tuple[str, bool]:
+  """(layout, albef) of a canonical-named state dict."""
+  keys = set(state)
+  albef = any(k.startswith("text_encoder") and k.endswith("embeddings.token_type_embeddings.weight")
+              for k in keys)
+  if any(k.startswith("text_decoder.") for k in keys):
+    return "vqa", albef
+  if "ta_head.weight" in keys:
+    return "nlvr_pretrain", albef
+  if "cls_head.2.weight" in keys:
+    return ("ve" if state["cls_head.2.weight"].shape[0] == 3 else "nlvr"), albef
+  if {"mim_head.weight", "concept_head.weight"} & keys:
+    return "pretrain", albef
+  if any(k.startswith("text_encoder.cls.") for k in keys):
+    return ("albef_pretrain" if albef else "pretrain"), albef
+  if "itm_head.weight" in keys:
+    return "retrieval", albef
+  raise CheckpointError("cannot tell which official model saved this checkpoint: no MIM / "
+                        "MLM / ITM / task head among keys like " + ", ".join(sorted(keys)[:5]))
+
+
+def _fold_token_types(state: StateDict, name) -> StateDict:
+  """ALBEF's BERT adds token-type embedding 0 to every token; SIMLA's has no token types.
+  Folding it into the position embeddings gives the same embeddings for every text.
+  `name` maps an official `text_encoder.bert.*` key to the file's naming."""
+  out = dict(state)
+  for enc in ("text_encoder", "text_encoder_m"):
+    tt = name(f"{enc}.bert.embeddings.token_type_embeddings.weight")
+    pos = name(f"{enc}.bert.embeddings.position_embeddings.weight")
+    if tt in out and pos in out:
+      out[pos] = out[pos] + out.pop(tt)[0][None]
+  return out
+
+
+def _read_queues(state: StateDict, cfg: ml_collections.ConfigDict, required: bool,
+                 problems: list[str]) -> dict[str, np.ndarray]:
+  queues = {}
   for name in ("image_queue", "text_queue"):
     if name not in state:
-      problems.append(f"missing key {name}: model expects shape ({cfg.embed_dim}, queue_size)")
+      if required:
+        problems.append(f"missing key {name}: model expects shape ({cfg.embed_dim}, queue_size)")
     elif state[name].ndim != 2 or state[name].shape[0] != cfg.embed_dim:
       problems.append(f"{name}: checkpoint shape {state[name].shape}, model expects "
                       f"({cfg.embed_dim}, queue_size)")
     else:
       queues[name] = np.ascontiguousarray(state[name].T.astype(np.float32))
   if "queue_ptr" not in state:
-    problems.append("missing key queue_ptr: model expects shape (1,)")
+    if required:
+      problems.append("missing key queue_ptr: model expects shape (1,)")
   elif state["queue_ptr"].size != 1:
     problems.append(f"queue_ptr: checkpoint shape {state['queue_ptr'].shape}, model expects (1,)")
   else:
     queues["queue_ptr"] = np.asarray(state["queue_ptr"]).reshape(()).astype(np.int32)
-  if not problems and queues["image_queue"].shape != queues["text_queue"].shape:
-    problems.append(f"image_queue {state['image_queue'].shape} and text_queue "
-                    f"{state['text_queue'].shape} differ in shape")
+  if "idx_queue" in state:   # retrieval: the image id of each queue entry, (1, Q)
+    queues["idx_queue"] = np.asarray(state["idx_queue"]).reshape(-1).astype(np.int64)
+  sizes = {k: v.shape[0] for k, v in queues.items() if k != "queue_ptr"}
+  if len(set(sizes.values())) > 1:
+    problems.append(f"queues differ in length: {sizes}")
+  return queues
+
+
+def _matching(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
+  patterns = tuple(patterns)
+  return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def read_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, *,
+                             ignore_missing: Iterable[str] = (),
+                             ignore_unexpected: Iterable[str] = ()) -> OfficialCheckpoint:
+  """Any official SIMLA checkpoint (pretraining, retrieval / grounding, VE, NLVR2, VQA,
+  NLVR pretraining), or ALBEF's where it differs only in names -> OfficialCheckpoint.
+
+  The layout is read from the keys. Within every module the layout holds, each tensor
+  must be there with the right shape; tensors no rule or task head takes are errors.
+  Every problem is listed by name. `ignore_missing` / `ignore_unexpected` (fnmatch
+  patterns over the file's key names) accept what the target does not need,
+  e.g. `ignore_unexpected=("mim_head*", "concept_head*", "text_encoder*.cls.*")`.
+  """
+  config = None
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    try:
+      top = checkpoint_io.load_file(path_or_state_dict)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(str(e)) from e
+    if isinstance(top, Mapping) and "config" in top:
+      config = checkpoint_io.to_plain(top["config"])
+    path_or_state_dict = top
+  state = read_state_dict(path_or_state_dict)
+  canonical = {canonical_key(k): v for k, v in state.items()}
+  if len(canonical) != len(state):
+    raise CheckpointError("checkpoint holds text encoder keys both with and without `.bert.`")
+  layout, albef = detect_layout(canonical)
+  # Rules and messages use the file's own naming: with `.bert.` (pretraining) or without.
+  with_bert = any(k.startswith(("text_encoder.bert.", "text_encoder_m.bert.")) for k in state)
+  name = (lambda k: k) if with_bert else canonical_key
+  state = _fold_token_types(state, name)
+  extras = {k: v for k, v in state.items() if k.startswith(EXTRA_PREFIXES)}
+  has_momentum = any(k.startswith(("visual_encoder_m.", "text_encoder_m.")) for k in state)
+  problems = []
+  queues = _read_queues(state, cfg, layout in ("pretrain", "albef_pretrain", "retrieval"),
+                        problems)
+
+  rules = [dataclasses.replace(r, key=name(r.key)) for r in official_rules(cfg)]
+  modules = set(LAYOUT_MODULES[layout])
+  if not cfg.use_mask_token:
+    modules.discard("mask_token")
+  required = {("params", m) for m in modules}
+  if has_momentum:
+    required |= {("params_m", m) for m in modules - {"itm_head", "temp"}}
+  present = {_module(r) for r in rules if r.kind != "tied" and r.key in state}
+  rules = [r for r in rules if _module(r) in required | present]
+
+  abstract = simla_lib.abstract_params(per_layer_config(cfg))   # the rules' layout
+  expected = {**flat_shapes(abstract, ("params",)),
+              **flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
+  dropped = {name(k) for k in _official_dropped(cfg)}
+  dropped |= set(extras) | set(_QUEUES)
+  dropped |= {"visual_encoder.mask_token", "visual_encoder_m.mask_token"} & set(state)
+  dropped |= _matching(ignore_unexpected, state)
+  optional = _matching(ignore_missing, [r.key for r in rules])
+  try:
+    filled = apply_rules(state, rules, expected, dropped=dropped, optional=optional,
+                         source=f"official SIMLA checkpoint ({layout} layout)")
+  except CheckpointError as e:
+    problems.append(str(e))
   if problems:
-    raise CheckpointError("official checkpoint queues:\n  " + "\n  ".join(problems))
-  rest = {k: v for k, v in state.items() if k not in queue_keys}
-  filled = apply_rules(rest, official_rules(cfg), expected, dropped=_official_dropped(cfg),
-                       source="official SIMLA checkpoint")
-  _check_covered(filled, expected, "official SIMLA checkpoint")
+    hint = ("\nPass ignore_missing= / ignore_unexpected= (fnmatch patterns over these names) "
+            "to accept tensors the target task does not use.")
+    if albef and any("crossattention" in p for p in problems):
+      hint += ("\nALBEF's BERT has cross-attention only from its fusion layer on; SIMLA's "
+               "has it in every layer (ignore_missing=('text_encoder*.crossattention.*',) "
+               "keeps those layers' initial values: an initialisation, not ALBEF itself).")
+    raise CheckpointError("\n".join(problems) + hint)
+  if layout == "pretrain" and not optional:
+    _check_covered(filled, expected, "official SIMLA checkpoint")
   trees = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in filled.items()})
-  return stack_layers(trees["params"], cfg), stack_layers(trees["params_m"], cfg), queues
+  absent = tuple(sorted({"/".join(_group(p)) for p in set(expected) - set(filled)
+                         if p[0] == "params" or has_momentum}))
+  params = _stack(trees.get("params", {}), cfg)
+  params_m = _stack(trees.get("params_m", {}), cfg) if has_momentum else None
+  return OfficialCheckpoint(layout=layout, albef=albef, params=params, params_m=params_m,
+                            queues=queues, extras=extras, absent=absent, config=config)
+
+
+def _stack(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
+  """`stack_layers`, with a clear error for layers a partial load left unequal."""
+  try:
+    return stack_layers(tree, cfg)
+  except ValueError as e:   # CheckpointError, or layers holding different tensors
+    raise CheckpointError(f"model.scan_layers stacks every layer, so each layer must hold the "
+                          f"same tensors; this load leaves them unequal ({e}). Load with "
+                          f"scan_layers=False or ignore whole tensors of every layer.") from e
+
+
+def merge_params(target: Any, loaded: Any) -> Any:
+  """`target` (a full, unboxed tree in the model's layout, e.g. a fresh init) with every
+  leaf `loaded` has (`read_official_checkpoint`'s trees are in the same layout)."""
+  return replace_leaves(target, {k: np.asarray(v) for k, v in
+                                 traverse_util.flatten_dict(loaded).items()}, ())
 
 
 def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any],
