@@ -37,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.alpha_warmup_steps = 1000         # linear ramp 0 -> alpha ("the first epoch")
   c.queue_size = 4096                 # multiple of the global batch
   c.psl = ml_collections.ConfigDict(dict(layer=-1, per_head=4, num_keywords=5))
+  # ITM hard negatives: "device" draws each row's negatives among the rows of its own
+  # data-parallel shard (the official code samples per GPU: 63 candidates at 8 x 64);
+  # "global" among the whole global batch (harder negatives, more false negatives).
+  c.itm = ml_collections.ConfigDict(dict(negatives_from="device"))
   # MLM vocabulary logits only at masked positions: per group of `group_rows` rows (a group
   # stays on one device), up to `capacity` positions; a group with more masked tokens
   # computes every position (exact either way). capacity 0: logits at every position.
@@ -98,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shapes.update(val_size=16, test_size=16, comp_size=16)
     c.model.bert.layers = 2
     c.batch_size = 8
+    c.itm.negatives_from = "global"   # one example per shard on the 8 test devices
     c.queue_size = 32
     c.total_steps = 30
     c.log_every_steps = 5
