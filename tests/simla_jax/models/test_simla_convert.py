@@ -343,3 +343,32 @@ def test_official_pth_with_its_config(official, tmp_path):
               "config": argparse.Namespace(image_res=384, k_test=128), "epoch": 4}, path)
   ck = convert.read_official_checkpoint(str(path), _finetune_cfg(cfg))
   assert ck.layout == "retrieval" and ck.config == {"image_res": 384, "k_test": 128}
+
+
+def test_fine_tuned_layout_into_the_scanned_model(official):
+  """With model.scan_layers the loaded trees are stacked and run the same network."""
+  cfg, sd, mods, *_ = official
+  cfg = _finetune_cfg(cfg)
+  scan = cfg.copy_and_resolve_references()
+  scan.scan_layers = True
+  ck = convert.read_official_checkpoint(_retrieval(sd), scan)
+  assert "blocks" in ck.params["vit"] and "block_0" not in ck.params["vit"]
+  model = SIMLA(scan)
+  p = convert.merge_params(nn.meta.unbox(init_params(model, jax.random.key(3))), ck.params)
+  rng = np.random.default_rng(5)
+  images = rng.standard_normal((2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  ids = rng.integers(1, cfg.bert.vocab_size, (2, 6)).astype(np.int32)
+  image_seq = model.apply({"params": p}, images, method="embed_image")
+  fused = model.apply({"params": p}, ids, np.ones_like(ids), image_seq, method="fuse")
+  with torch.no_grad():
+    seq_ref = mods["vit"](pixel_values=torch_images(images)).last_hidden_state
+    fused_ref = mods["text"](input_ids=torch.from_numpy(ids).long(),
+                             encoder_hidden_states=seq_ref,
+                             encoder_attention_mask=torch.ones(seq_ref.shape[:2])).last_hidden_state
+  assert rel_err(fused, fused_ref.numpy()) < TOL
+  # A layer left partly unloaded cannot be stacked: the error says why.
+  gone = {k: v for k, v in _retrieval(sd).items()
+          if not k.startswith("text_encoder.encoder.layer.0.crossattention")}
+  with pytest.raises(convert.CheckpointError, match="scan_layers"):
+    convert.read_official_checkpoint(
+        gone, scan, ignore_missing=("text_encoder.encoder.layer.0.crossattention.*",))

@@ -124,3 +124,22 @@ def test_paper_config_names_a_missing_weights_file(tmp_path, monkeypatch):
   c.init.vit = ""
   with pytest.raises(FileNotFoundError, match=r"config\.init\.bert: .*pytorch_model\.bin"):
     pretrained.check_files(c.init)
+
+
+def test_public_weights_into_the_scanned_model(tmp_path):
+  """model.scan_layers: the per-layer weights are stacked; the BERT is still the HF one."""
+  cfg = ref_config()
+  cfg.scan_layers = True
+  bert = _hf_bert(cfg, cfg.bert.vocab_size, 4)
+  bert.save_pretrained(tmp_path / "bert")
+  init_cfg = pretrained.init_config()
+  init_cfg.bert = str(tmp_path / "bert/model.safetensors")
+  leaves = pretrained.load_public_weights(init_cfg, cfg)
+  assert ("bert", "encoder", "layer", "attention", "query", "kernel") in leaves
+  model = SIMLA(cfg)
+  params = nn.meta.unbox(pretrained.with_weights(init_params(model, jax.random.key(0)), leaves))
+  ids = np.random.default_rng(0).integers(1, cfg.bert.vocab_size, (2, 5)).astype(np.int32)
+  text = model.apply({"params": params}, ids, np.ones_like(ids), method="embed_text")
+  with torch.no_grad():
+    ref = bert(input_ids=torch.from_numpy(ids).long(), output_hidden_states=True)
+  assert rel_err(text, ref.hidden_states[-1].numpy()) < TOL
