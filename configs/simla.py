@@ -1,7 +1,8 @@
 """SIMLA pretraining.
 
   python run.py --config=configs/simla.py          # shapes world, CPU-sized (default)
-  python run.py --config=configs/simla.py:paper    # official sizes and hyperparameters
+  python run.py --config=configs/simla.py:paper    # official sizes and hyperparameters, from
+                                                   # DeiT-B/16 + bert-base-uncased (config.init)
 
 Default: a small ViT + BERT pretrained with all five objectives on the procedural
 shapes world (no download), evaluated by zero-shot retrieval on the held-out test
@@ -12,6 +13,7 @@ import ml_collections
 
 from configs import common
 from configs import simla_model
+from simla_jax import pretrained
 from simla_jax.data import default_data_config
 
 
@@ -24,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = default_data_config()
+  c.init = pretrained.init_config()   # public weights: "" = random init
   c.model = simla_model.model_config("small" if variant == "default" else
                                      "base" if variant == "paper" else "tiny")
   c.model.bert.vocab_size = -1        # -1: the tokenizer's vocabulary
@@ -34,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.alpha_warmup_steps = 1000         # linear ramp 0 -> alpha ("the first epoch")
   c.queue_size = 4096                 # multiple of the global batch
   c.psl = ml_collections.ConfigDict(dict(layer=-1, per_head=4, num_keywords=5))
+  # ITM hard negatives: "device" draws each row's negatives among the rows of its own
+  # data-parallel shard (the official code samples per GPU: 63 candidates at 8 x 64);
+  # "global" among the whole global batch (harder negatives, more false negatives).
+  c.itm = ml_collections.ConfigDict(dict(negatives_from="device"))
   # MLM vocabulary logits only at masked positions: per group of `group_rows` rows (a group
   # stays on one device), up to `capacity` positions; a group with more masked tokens
   # computes every position (exact either way). capacity 0: logits at every position.
@@ -59,7 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.name = "captions"
     c.data.image_size = 256
     c.data.max_len = 25
-    c.data.tokenizer.vocab_file = ""            # set: bert-base-uncased vocab.txt
+    # The official start (spec §1.1): DeiT-B/16 ViT, bert-base-uncased BERT and vocabulary.
+    # Paths are relative to the working directory; override them on the command line.
+    c.init.vit = "weights/deit_base_patch16_224-b5f2ef4d.pth"
+    c.init.bert = "weights/bert-base-uncased/pytorch_model.bin"
+    c.data.tokenizer.vocab_file = "weights/bert-base-uncased/vocab.txt"
     c.data.aug.crop_scale = (0.2, 1.0)
     c.data.aug.flip_swap = ()
     c.data.aug.translate_const = 10.0
@@ -91,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shapes.update(val_size=16, test_size=16, comp_size=16)
     c.model.bert.layers = 2
     c.batch_size = 8
+    c.itm.negatives_from = "global"   # one example per shard on the 8 test devices
     c.queue_size = 32
     c.total_steps = 30
     c.log_every_steps = 5

@@ -1,12 +1,15 @@
 """PyTorch checkpoints <-> SIMLA Flax parameters.
 
 Sources:
-  * the official SIMLA pretraining checkpoint (`Pretrain.py` saves {"model": state_dict, ...}):
-    `load_official_checkpoint` -> (params, momentum params, queues); `to_official_state_dict`
-    writes the same layout back;
-  * Hugging Face `bert-base-uncased` (BertForMaskedLM naming): `load_bert_checkpoint`;
+  * official SIMLA checkpoints of every layout (`Pretrain.py`, `Retrieval.py`, `Grounding.py`,
+    `VE.py`, `NLVR.py`, `VQA.py`, `Pretrain_NLVR.py` save {"model": state_dict, "config", ...}),
+    and ALBEF's where only names differ: `read_official_checkpoint` -> `OfficialCheckpoint`
+    (params, momentum params, queues, task heads, config), `load_official_checkpoint` ->
+    (params, momentum params, queues); `to_official_state_dict` writes the pretraining layout;
+  * Hugging Face `bert-base-uncased` (BertForMaskedLM naming): `bert_init_leaves`;
     cross-attention is left as initialised, as the official code does;
-  * DeiT / timm ViT checkpoints (e.g. deit_base_patch16_224-b5f2ef4d.pth): `load_vit_checkpoint`.
+  * DeiT / timm or Hugging Face ViT checkpoints (e.g. deit_base_patch16_224-b5f2ef4d.pth):
+    `vit_init_leaves`.
 
 The rule tables name the per-layer layout (`vit/block_i`, `bert/layer_i`); a model with
 `scan_layers` stacks them (`vit/blocks`, `bert/encoder/layer`, leading `layers` axis), and
@@ -16,13 +19,15 @@ writer, so a loader written for the per-layer layout serves both.
 Every source key is consumed exactly once; a missing, unexpected or mis-shaped key
 raises `CheckpointError` naming the key and both shapes. Keys the official code
 drops on purpose are listed explicitly per source. Position embeddings of another
-resolution are resized bicubically (`vit.interpolate_pos_embed`). Files are read
-with `torch.load(..., weights_only=True)`; torch is imported only to read them.
+resolution are resized bicubically (`vit.interpolate_pos_embed`). Files are read by
+`checkpoint_io.load_file` (torch's weights-only unpickler; configs as inert data).
 """
 
 import dataclasses
+import fnmatch
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 import flax.traverse_util as traverse_util
@@ -30,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from simla_jax import checkpoint_io
 from simla_jax.models import momentum as momentum_lib
 from simla_jax.models import simla as simla_lib
 from simla_jax.models import vit as vit_lib
@@ -247,22 +253,15 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
 def read_state_dict(path_or_state_dict: Any) -> StateDict:
   """A state dict as numpy arrays, from a `.pth`/`.bin`/`.safetensors` file or a mapping.
 
-  A training checkpoint that wraps the state dict under "model" is unwrapped.
+  A training checkpoint that wraps the state dict under "model" is unwrapped; the other
+  entries (optimizer, config) are not converted. Files go through `checkpoint_io.load_file`.
   """
   source = path_or_state_dict
   if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
-    if not os.path.exists(path):
-      raise CheckpointError(f"checkpoint file {path} does not exist")
-    if path.endswith(".safetensors"):
-      import safetensors.torch  # pylint: disable=import-outside-toplevel
-      source = safetensors.torch.load_file(path)
-    else:
-      import torch  # pylint: disable=import-outside-toplevel
-      try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-      except Exception as e:  # the unpickler refuses anything but tensors and containers
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from e
+    try:
+      source = checkpoint_io.load_file(source)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(str(e)) from e
   if not isinstance(source, Mapping):
     raise CheckpointError(f"checkpoint is a {type(source).__name__}, not a state dict")
   if "model" in source and isinstance(source["model"], Mapping):
@@ -468,50 +467,265 @@ def unstack_layers(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
 
 # --- public loaders ----------------------------------------------------------------------------
 
-def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict):
-  """Official SIMLA pretraining checkpoint -> (params, params_m, queues), numpy leaves.
+def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, *,
+                             ignore_missing: Iterable[str] = (),
+                             ignore_unexpected: Iterable[str] = ()):
+  """An official SIMLA (or ALBEF-named) checkpoint of any layout -> (params, params_m,
+  queues), numpy leaves; `read_official_checkpoint` says what each layout holds.
 
   Args:
-    path_or_state_dict: a `.pth` written by the official `Pretrain.py` (state dict under
-      "model"), or the state dict itself (torch tensors or numpy arrays).
+    path_or_state_dict: a `.pth` written by an official script (state dict under "model";
+      configs beside it read as inert data), or the state dict itself.
     cfg: the model config (configs/simla_model.py); the position embedding is resized
       when `cfg.image_size` differs from the checkpoint's.
+    ignore_missing / ignore_unexpected: fnmatch patterns over the file's key names of
+      tensors the target may lack / does not use.
   Returns:
-    params: the online tree of `SIMLA(cfg)`; params_m: the momentum tree
-    (`momentum.MOMENTUM_MODULES`); queues: {"image_queue", "text_queue": (queue_size,
-    embed_dim), "queue_ptr": int32 ()} (the official buffers are (embed_dim, queue_size)).
+    params: the online tree of `SIMLA(cfg)` (pretraining layout: complete; fine-tuned
+    layouts: the modules they hold); params_m: the momentum tree or None; queues:
+    {"image_queue", "text_queue": (queue_size, embed_dim), "queue_ptr": int32 (),
+    "idx_queue": int (queue_size,)} as far as the file has them (the official buffers
+    are (embed_dim, queue_size)).
   """
-  state = read_state_dict(path_or_state_dict)
-  abstract = simla_lib.abstract_params(cfg)
-  expected = {**flat_shapes(abstract, ("params",)),
-              **flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
-  queue_keys = ("image_queue", "text_queue", "queue_ptr")
-  queues, problems = {}, []
+  ck = read_official_checkpoint(path_or_state_dict, cfg, ignore_missing=ignore_missing,
+                                ignore_unexpected=ignore_unexpected)
+  return ck.params, ck.params_m, ck.queues
+
+
+# --- every official layout ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class OfficialCheckpoint:
+  """An official checkpoint, converted (numpy leaves).
+
+  layout     which official model saved it (see LAYOUT_MODULES)
+  albef      ALBEF's BERT naming (xbert, with token-type embeddings)
+  params     online Flax tree, restricted to the modules the layout holds
+  params_m   momentum tree (same restriction), None when the file has no momentum copies
+  queues     "image_queue", "text_queue" (Q, E), "queue_ptr" (), "idx_queue" (Q,) as present
+  extras     tensors of task heads SIMLA(cfg) has no place for (`cls_head.*`, `text_decoder.*`,
+             `ta_head.*`), under their official names
+  absent     "params/<module>" / "params_m/<module>" of SIMLA(cfg) the file does not hold
+             (fill them from an init with `merge_params`)
+  config     the config saved beside the weights, as plain data (None if none)
+  """
+  layout: str
+  albef: bool
+  params: Any
+  params_m: Any
+  queues: dict[str, np.ndarray]
+  extras: StateDict
+  absent: tuple[str, ...]
+  config: Any = None
+
+
+# Online modules each official model class holds (its momentum copies hold the same minus
+# itm_head and temp). Module names: the Flax top-level keys, plus "mask_token" (the ViT's
+# MIM token) and "mlm_head" (the BERT's MLM head, official `text_encoder.cls.*`).
+LAYOUT_MODULES = {
+    # models/simla/pretrain.py (Pretrain.py)
+    "pretrain": ("vit", "mask_token", "bert", "mlm_head", "vision_proj", "text_proj",
+                 "itm_head", "mim_head", "concept_head", "temp"),
+    # ALBEF's pretraining model: no MIM / PSL heads
+    "albef_pretrain": ("vit", "bert", "mlm_head", "vision_proj", "text_proj", "itm_head", "temp"),
+    # models/simla/retrieval.py (Retrieval.py, Grounding.py, zero_shot_retrieval.py)
+    "retrieval": ("vit", "bert", "vision_proj", "text_proj", "itm_head", "temp"),
+    # models/simla/ve.py, nlvr.py, vqa.py: encoders + a task head kept in `extras`
+    "ve": ("vit", "bert"),
+    "nlvr": ("vit", "bert"),
+    "vqa": ("vit", "bert"),
+    # models/simla/pretrain_nlvr.py: + ta_head in `extras`
+    "nlvr_pretrain": ("vit", "bert", "vision_proj", "text_proj", "temp"),
+}
+EXTRA_PREFIXES = ("cls_head.", "cls_head_m.", "text_decoder.", "text_decoder_m.", "ta_head.")
+_QUEUES = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
+
+
+def canonical_key(key: str) -> str:
+  """Downstream scripts strip `.bert.` from the text encoder's keys: one name for both."""
+  for enc in ("text_encoder.", "text_encoder_m."):
+    if key.startswith(enc + "bert."):
+      return enc + key[len(enc) + len("bert."):]
+  return key
+
+
+def _module(rule: Rule) -> tuple[str, str]:
+  """(tree, module) a rule fills."""
+  path = rule.paths[0]
+  if path[1] == "vit" and path[-1] == "mask_token":
+    return path[0], "mask_token"
+  if path[1] == "bert" and ".cls." in rule.key:
+    return path[0], "mlm_head"
+  return path[0], path[1]
+
+
+def _group(path: Path) -> Path:
+  """A Flax leaf's module for `OfficialCheckpoint.absent`: ("params", "vit"),
+  ("params", "bert", "mlm_head"), ("params", "vit", "mask_token"), ..."""
+  if path[1:3] in (("bert", "mlm_head"), ("vit", "mask_token")):
+    return path[:3]
+  return path[:2]
+
+
+def detect_layout(state: StateDict) -> tuple[str, bool]:
+  """(layout, albef) of a canonical-named state dict."""
+  keys = set(state)
+  albef = any(k.startswith("text_encoder") and k.endswith("embeddings.token_type_embeddings.weight")
+              for k in keys)
+  if any(k.startswith("text_decoder.") for k in keys):
+    return "vqa", albef
+  if "ta_head.weight" in keys:
+    return "nlvr_pretrain", albef
+  if "cls_head.2.weight" in keys:
+    return ("ve" if state["cls_head.2.weight"].shape[0] == 3 else "nlvr"), albef
+  if {"mim_head.weight", "concept_head.weight"} & keys:
+    return "pretrain", albef
+  if any(k.startswith("text_encoder.cls.") for k in keys):
+    return ("albef_pretrain" if albef else "pretrain"), albef
+  if "itm_head.weight" in keys:
+    return "retrieval", albef
+  raise CheckpointError("cannot tell which official model saved this checkpoint: no MIM / "
+                        "MLM / ITM / task head among keys like " + ", ".join(sorted(keys)[:5]))
+
+
+def _fold_token_types(state: StateDict, name) -> StateDict:
+  """ALBEF's BERT adds token-type embedding 0 to every token; SIMLA's has no token types.
+  Folding it into the position embeddings gives the same embeddings for every text.
+  `name` maps an official `text_encoder.bert.*` key to the file's naming."""
+  out = dict(state)
+  for enc in ("text_encoder", "text_encoder_m"):
+    tt = name(f"{enc}.bert.embeddings.token_type_embeddings.weight")
+    pos = name(f"{enc}.bert.embeddings.position_embeddings.weight")
+    if tt in out and pos in out:
+      out[pos] = out[pos] + out.pop(tt)[0][None]
+  return out
+
+
+def _read_queues(state: StateDict, cfg: ml_collections.ConfigDict, required: bool,
+                 problems: list[str]) -> dict[str, np.ndarray]:
+  queues = {}
   for name in ("image_queue", "text_queue"):
     if name not in state:
-      problems.append(f"missing key {name}: model expects shape ({cfg.embed_dim}, queue_size)")
+      if required:
+        problems.append(f"missing key {name}: model expects shape ({cfg.embed_dim}, queue_size)")
     elif state[name].ndim != 2 or state[name].shape[0] != cfg.embed_dim:
       problems.append(f"{name}: checkpoint shape {state[name].shape}, model expects "
                       f"({cfg.embed_dim}, queue_size)")
     else:
       queues[name] = np.ascontiguousarray(state[name].T.astype(np.float32))
   if "queue_ptr" not in state:
-    problems.append("missing key queue_ptr: model expects shape (1,)")
+    if required:
+      problems.append("missing key queue_ptr: model expects shape (1,)")
   elif state["queue_ptr"].size != 1:
     problems.append(f"queue_ptr: checkpoint shape {state['queue_ptr'].shape}, model expects (1,)")
   else:
     queues["queue_ptr"] = np.asarray(state["queue_ptr"]).reshape(()).astype(np.int32)
-  if not problems and queues["image_queue"].shape != queues["text_queue"].shape:
-    problems.append(f"image_queue {state['image_queue'].shape} and text_queue "
-                    f"{state['text_queue'].shape} differ in shape")
+  if "idx_queue" in state:   # retrieval: the image id of each queue entry, (1, Q)
+    queues["idx_queue"] = np.asarray(state["idx_queue"]).reshape(-1).astype(np.int64)
+  sizes = {k: v.shape[0] for k, v in queues.items() if k != "queue_ptr"}
+  if len(set(sizes.values())) > 1:
+    problems.append(f"queues differ in length: {sizes}")
+  return queues
+
+
+def _matching(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
+  patterns = tuple(patterns)
+  return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def read_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, *,
+                             ignore_missing: Iterable[str] = (),
+                             ignore_unexpected: Iterable[str] = ()) -> OfficialCheckpoint:
+  """Any official SIMLA checkpoint (pretraining, retrieval / grounding, VE, NLVR2, VQA,
+  NLVR pretraining), or ALBEF's where it differs only in names -> OfficialCheckpoint.
+
+  The layout is read from the keys. Within every module the layout holds, each tensor
+  must be there with the right shape; tensors no rule or task head takes are errors.
+  Every problem is listed by name. `ignore_missing` / `ignore_unexpected` (fnmatch
+  patterns over the file's key names) accept what the target does not need,
+  e.g. `ignore_unexpected=("mim_head*", "concept_head*", "text_encoder*.cls.*")`.
+  """
+  config = None
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    try:
+      top = checkpoint_io.load_file(path_or_state_dict)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(str(e)) from e
+    if isinstance(top, Mapping) and "config" in top:
+      config = checkpoint_io.to_plain(top["config"])
+    path_or_state_dict = top
+  state = read_state_dict(path_or_state_dict)
+  canonical = {canonical_key(k): v for k, v in state.items()}
+  if len(canonical) != len(state):
+    raise CheckpointError("checkpoint holds text encoder keys both with and without `.bert.`")
+  layout, albef = detect_layout(canonical)
+  # Rules and messages use the file's own naming: with `.bert.` (pretraining) or without.
+  with_bert = any(k.startswith(("text_encoder.bert.", "text_encoder_m.bert.")) for k in state)
+  name = (lambda k: k) if with_bert else canonical_key
+  state = _fold_token_types(state, name)
+  extras = {k: v for k, v in state.items() if k.startswith(EXTRA_PREFIXES)}
+  has_momentum = any(k.startswith(("visual_encoder_m.", "text_encoder_m.")) for k in state)
+  problems = []
+  queues = _read_queues(state, cfg, layout in ("pretrain", "albef_pretrain", "retrieval"),
+                        problems)
+
+  rules = [dataclasses.replace(r, key=name(r.key)) for r in official_rules(cfg)]
+  modules = set(LAYOUT_MODULES[layout])
+  if not cfg.use_mask_token:
+    modules.discard("mask_token")
+  required = {("params", m) for m in modules}
+  if has_momentum:
+    required |= {("params_m", m) for m in modules - {"itm_head", "temp"}}
+  present = {_module(r) for r in rules if r.kind != "tied" and r.key in state}
+  rules = [r for r in rules if _module(r) in required | present]
+
+  abstract = simla_lib.abstract_params(per_layer_config(cfg))   # the rules' layout
+  expected = {**flat_shapes(abstract, ("params",)),
+              **flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
+  dropped = {name(k) for k in _official_dropped(cfg)}
+  dropped |= set(extras) | set(_QUEUES)
+  dropped |= {"visual_encoder.mask_token", "visual_encoder_m.mask_token"} & set(state)
+  dropped |= _matching(ignore_unexpected, state)
+  optional = _matching(ignore_missing, [r.key for r in rules])
+  try:
+    filled = apply_rules(state, rules, expected, dropped=dropped, optional=optional,
+                         source=f"official SIMLA checkpoint ({layout} layout)")
+  except CheckpointError as e:
+    problems.append(str(e))
   if problems:
-    raise CheckpointError("official checkpoint queues:\n  " + "\n  ".join(problems))
-  rest = {k: v for k, v in state.items() if k not in queue_keys}
-  filled = apply_rules(rest, official_rules(cfg), expected, dropped=_official_dropped(cfg),
-                       source="official SIMLA checkpoint")
-  _check_covered(filled, expected, "official SIMLA checkpoint")
+    hint = ("\nPass ignore_missing= / ignore_unexpected= (fnmatch patterns over these names) "
+            "to accept tensors the target task does not use.")
+    if albef and any("crossattention" in p for p in problems):
+      hint += ("\nALBEF's BERT has cross-attention only from its fusion layer on; SIMLA's "
+               "has it in every layer (ignore_missing=('text_encoder*.crossattention.*',) "
+               "keeps those layers' initial values: an initialisation, not ALBEF itself).")
+    raise CheckpointError("\n".join(problems) + hint)
+  if layout == "pretrain" and not optional:
+    _check_covered(filled, expected, "official SIMLA checkpoint")
   trees = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in filled.items()})
-  return stack_layers(trees["params"], cfg), stack_layers(trees["params_m"], cfg), queues
+  absent = tuple(sorted({"/".join(_group(p)) for p in set(expected) - set(filled)
+                         if p[0] == "params" or has_momentum}))
+  params = _stack(trees.get("params", {}), cfg)
+  params_m = _stack(trees.get("params_m", {}), cfg) if has_momentum else None
+  return OfficialCheckpoint(layout=layout, albef=albef, params=params, params_m=params_m,
+                            queues=queues, extras=extras, absent=absent, config=config)
+
+
+def _stack(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
+  """`stack_layers`, with a clear error for layers a partial load left unequal."""
+  try:
+    return stack_layers(tree, cfg)
+  except ValueError as e:   # CheckpointError, or layers holding different tensors
+    raise CheckpointError(f"model.scan_layers stacks every layer, so each layer must hold the "
+                          f"same tensors; this load leaves them unequal ({e}). Load with "
+                          f"scan_layers=False or ignore whole tensors of every layer.") from e
+
+
+def merge_params(target: Any, loaded: Any) -> Any:
+  """`target` (a full, unboxed tree in the model's layout, e.g. a fresh init) with every
+  leaf `loaded` has (`read_official_checkpoint`'s trees are in the same layout)."""
+  return replace_leaves(target, {k: np.asarray(v) for k, v in
+                                 traverse_util.flatten_dict(loaded).items()}, ())
 
 
 def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any],
@@ -534,13 +748,66 @@ def to_official_state_dict(params: Any, params_m: Any, queues: Mapping[str, Any]
   return {k: np.array(v, order="C") for k, v in out.items()}
 
 
-def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
-  """Hugging Face BERT (BertForMaskedLM naming, e.g. bert-base-uncased) into `params["bert"]`.
+def hf_vit_to_timm(state: StateDict) -> StateDict:
+  """Hugging Face ViT / DeiT file naming (`[vit.|deit.]encoder.layer.i.attention.attention.query`,
+  as `save_pretrained` writes it) -> timm naming with fused qkv. Other layouts pass through."""
+  prefix = next((p for p in ("vit.", "deit.", "") if f"{p}embeddings.cls_token" in state), None)
+  if prefix is None:
+    return state
+  simple = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+            "embeddings.position_embeddings": "pos_embed",
+            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+  layer = {"attention.output.dense": "attn.proj", "layernorm_before": "norm1",
+           "layernorm_after": "norm2", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+  out, qkv = {}, {}
+  for key, value in state.items():
+    rel = key[len(prefix):] if key.startswith(prefix) else key
+    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", rel)
+    if rel in simple:
+      out[simple[rel]] = value
+    elif m and m.group(2) in layer:
+      out[f"blocks.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"] = value
+    elif m and m.group(2).startswith("attention.attention."):
+      name = m.group(2).rsplit(".", 1)[-1]
+      qkv.setdefault(f"blocks.{m.group(1)}.attn.qkv.{m.group(3)}", {})[name] = value
+    else:
+      out[key] = value   # classifier, pooler, distillation token: reported or dropped
+  for key, parts in qkv.items():
+    names = ("query", "key", "value")
+    missing = [n for n in names if n not in parts]
+    if missing:
+      raise CheckpointError(f"HF ViT checkpoint: {key} lacks attention {missing}")
+    out[key] = np.concatenate([parts[n] for n in names], axis=0)
+  return out
 
-  Embeddings, self-attention, FFN and the MLM head are replaced; the cross-attention
-  of every layer keeps its values from `params` (freshly initialised), as in the
-  official code. Token-type embeddings, pooler and NSP head are dropped.
-  Returns a new params tree (numpy leaves where loaded).
+
+# Hugging Face ViT heads and timm/DeiT classifiers: not part of the SIMLA ViT.
+VIT_DROPPED = DEIT_DROPPED + ("classifier.weight", "classifier.bias", "pooler.dense.weight",
+                              "pooler.dense.bias", "vit.pooler.dense.weight",
+                              "vit.pooler.dense.bias", "fc_norm.weight", "fc_norm.bias")
+
+
+def vit_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> dict[Path, np.ndarray]:
+  """DeiT / timm (state dict possibly under "model") or Hugging Face ViT weights ->
+  {Flax path under the params root: array} for the ViT; the position embedding resized to
+  `cfg.image_size`. The MIM `mask_token` is absent unless the checkpoint has one (DeiT has
+  none: the official model keeps its initial zeros)."""
+  state = hf_vit_to_timm(read_state_dict(path_or_state_dict))
+  rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
+  return apply_rules(state, rules, flat_shapes(simla_lib.abstract_params(per_layer_config(cfg))),
+                     dropped=VIT_DROPPED, optional=("mask_token",), source="ViT checkpoint")
+
+
+def bert_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> dict[Path, np.ndarray]:
+  """Hugging Face BERT (BertForMaskedLM / BertForPreTraining naming, e.g. bert-base-uncased)
+  -> {Flax path: array} for the embeddings, self-attention, FFN and MLM head of every layer.
+
+  No cross-attention leaf is returned: the official code (`BertForMaskedLM.from_pretrained`
+  with `add_cross_attention`) leaves every `crossattention.*` weight at its fresh
+  N(0, 0.02) / LayerNorm 1, 0 / bias 0 init. Token types, pooler and NSP head are dropped
+  (BLIP's embeddings have no token types).
   """
   state = _rename_hf_layer_norm(read_state_dict(path_or_state_dict))
   if not any(k.startswith("bert.") for k in state):
@@ -548,22 +815,18 @@ def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict
                           "('bert.*', 'cls.predictions.*'), found keys like "
                           f"{sorted(state)[:3]}")
   rules = bert_rules(cfg, "bert.", ("bert",), cross_attention=False) + mlm_rules("cls.", ("bert",))
+  return apply_rules(state, rules, flat_shapes(simla_lib.abstract_params(per_layer_config(cfg))),
+                     dropped=HF_BERT_DROPPED, source="Hugging Face BERT checkpoint")
+
+
+def load_bert_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
+  """`bert_init_leaves` written into a copy of `params` (unboxed; cross-attention kept)."""
   params = unstack_layers(params, cfg)
-  filled = apply_rules(state, rules, flat_shapes(params), dropped=HF_BERT_DROPPED,
-                       source="Hugging Face BERT checkpoint")
-  return stack_layers(replace_leaves(params, filled, ()), cfg)
+  return stack_layers(replace_leaves(params, bert_init_leaves(path_or_state_dict, cfg), ()), cfg)
 
 
 def load_vit_checkpoint(path_or_state_dict: Any, cfg: ml_collections.ConfigDict, params: Any) -> Any:
-  """DeiT / timm ViT (state dict possibly under "model") into `params["vit"]`.
-
-  The classifier head is dropped; the MIM `mask_token` keeps its value from `params`
-  when the checkpoint has none (DeiT); the position embedding is resized to
-  `cfg.image_size`. Returns a new params tree.
-  """
-  state = read_state_dict(path_or_state_dict)
-  rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
+  """`vit_init_leaves` written into a copy of `params` (unboxed; `mask_token` kept when
+  the checkpoint has none)."""
   params = unstack_layers(params, cfg)
-  filled = apply_rules(state, rules, flat_shapes(params), dropped=DEIT_DROPPED,
-                       optional=("mask_token",), source="ViT checkpoint")
-  return stack_layers(replace_leaves(params, filled, ()), cfg)
+  return stack_layers(replace_leaves(params, vit_init_leaves(path_or_state_dict, cfg), ()), cfg)

@@ -64,19 +64,38 @@ def enqueue(queue_q_e, feats_b_e, ptr):
 
 
 # --------------------------------------------------------------------------- ITM
-def sample_hard_negatives(rng, sim_i2t_b_b, sim_t2i_b_b):
+def sample_hard_negatives(rng, sim_i2t_b_b, sim_t2i_b_b, shards: int = 1):
   """One negative text per image and one negative image per text (spec §2.2).
 
   Drawn from the softmax of the in-batch similarities with the diagonal excluded.
-  Returns (neg_text_for_image (B,), neg_image_for_text (B,)) indices.
+  `shards` > 1: the batch is that many contiguous blocks (the data-parallel shards of the
+  global batch) and a row's negative is drawn only within its own block, as the official
+  code draws them per GPU; the blocks are taken from the (shards, per_shard, shards,
+  per_shard) view, so this runs under jit on a sharded batch. 1: the whole batch.
+  Returns (neg_text_for_image (B,), neg_image_for_text (B,)) indices into the batch.
   """
   b = sim_i2t_b_b.shape[0]
-  off_diag = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, 0.0)
+  if b % shards:
+    raise ValueError(f"ITM negatives: batch {b} does not split into {shards} shards")
+  p = b // shards
+  if shards > 1 and p < 2:
+    raise ValueError(f"ITM negatives per shard need at least 2 rows per shard, got {p} "
+                     f"(batch {b}, {shards} shards); use itm.negatives_from='global'")
   rng_t, rng_i = jax.random.split(rng)
   sims = jax.lax.stop_gradient((sim_i2t_b_b.astype(jnp.float32), sim_t2i_b_b.astype(jnp.float32)))
-  neg_text = jax.random.categorical(rng_t, sims[0] + off_diag, axis=-1)
-  neg_image = jax.random.categorical(rng_i, sims[1] + off_diag, axis=-1)
-  return neg_text, neg_image
+  if shards == 1:
+    off_diag = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, 0.0)
+    neg_text = jax.random.categorical(rng_t, sims[0] + off_diag, axis=-1)
+    neg_image = jax.random.categorical(rng_i, sims[1] + off_diag, axis=-1)
+    return neg_text, neg_image
+  shard = jnp.arange(shards)
+  off_diag = jnp.where(jnp.eye(p, dtype=bool), -jnp.inf, 0.0)
+
+  def draw(key, sim_b_b):
+    blocks_s_p_p = sim_b_b.reshape(shards, p, shards, p)[shard, :, shard, :]
+    local_s_p = jax.random.categorical(key, blocks_s_p_p + off_diag, axis=-1)
+    return (local_s_p + p * shard[:, None]).reshape(b)
+  return draw(rng_t, sims[0]), draw(rng_i, sims[1])
 
 
 def itm_loss(logits_3b_2):
@@ -155,12 +174,21 @@ def psl_keywords(cls_attn_b_h_l, ids_b_l, vocab_size: int, per_head: int, n_keyw
 
   Each head votes for its `per_head` most attended positions; the `n_keywords`
   positions with most votes give the keywords. As in the official code, the
-  [CLS] column of the multi-hot is zeroed afterwards. Returns (B, V) float32.
+  [CLS] column of the multi-hot is zeroed afterwards.
+
+  Ties: the official `torch.topk` over the vote counts leaves their order unspecified.
+  Here, at equal votes a position holding [CLS] ranks after every other position (its
+  keyword would be zeroed, so picking it wastes a slot), then lower positions first.
+  This is one of the selections the official rule can return, and never one that loses a
+  keyword to [CLS] while a position with as many votes is left out.
+  Returns (B, V) float32.
   """
   l = cls_attn_b_h_l.shape[-1]
   _, top_b_h_k = jax.lax.top_k(jax.lax.stop_gradient(cls_attn_b_h_l), per_head)
   votes_b_l = jax.nn.one_hot(top_b_h_k, l).sum(axis=(1, 2))
-  _, pos_b_n = jax.lax.top_k(votes_b_l, n_keywords)
+  # Votes are integers: -0.5 orders [CLS] last among its ties and above any fewer votes.
+  rank_b_l = votes_b_l - 0.5 * (ids_b_l == cls_id)
+  _, pos_b_n = jax.lax.top_k(rank_b_l, n_keywords)
   words_b_n = jnp.take_along_axis(ids_b_l, pos_b_n, axis=1)
   hot_b_v = jax.nn.one_hot(words_b_n, vocab_size).max(axis=1)
   return hot_b_v.at[:, cls_id].set(0.0)

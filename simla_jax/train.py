@@ -18,12 +18,14 @@ import ml_collections
 import numpy as np
 
 from simla_jax import objectives as obj
+from simla_jax import pretrained
 from simla_jax import retrieval
 from simla_jax.data import masks as masks_lib
 from simla_jax.data import mim_targets
 from simla_jax.data import pipeline
 from simla_jax.models import SIMLA, ema_update, init_momentum, init_params, init_queues
 from train_jax import optimizers
+from train_jax import sharding
 from train_jax.state import TrainState
 from train_jax.task import Task
 
@@ -50,7 +52,27 @@ def resolve_model_config(config, tokenizer, targeter) -> ml_collections.ConfigDi
   return m
 
 
-def check_config(config) -> None:
+NEGATIVES_FROM = ("device", "global")
+
+
+def batch_shards(config, mesh) -> int:
+  """Blocks of the global batch that ITM negatives are drawn within: the data-parallel
+  shards for itm.negatives_from="device" (the official per-GPU sampling), else 1."""
+  itm = config.get("itm") or {}
+  if itm.get("negatives_from", "global") == "global" or mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
+
+
+def check_config(config, mesh=None) -> None:
+  itm = config.get("itm") or {}
+  if itm.get("negatives_from", "global") not in NEGATIVES_FROM:
+    raise ValueError(f"itm.negatives_from {itm.negatives_from!r}: choose one of {NEGATIVES_FROM}")
+  shards = batch_shards(config, mesh)
+  if shards > 1 and config.batch_size // shards < 2:
+    raise ValueError(f"itm.negatives_from='device' draws ITM negatives within each of the "
+                     f"{shards} data-parallel shards, which needs batch_size >= {2 * shards} "
+                     f"(got {config.batch_size}); or set itm.negatives_from='global'")
   unknown = set(config.loss_weights) - set(LOSSES)
   if unknown:
     raise ValueError(f"loss_weights: unknown losses {sorted(unknown)}; known: {LOSSES}")
@@ -62,8 +84,12 @@ def check_config(config) -> None:
                      f"{jax.process_count()} processes")
 
 
-def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
-  """Returns the pure `(state, batch) -> (state, metrics)` pretraining step."""
+def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, shards: int = 1):
+  """Returns the pure `(state, batch) -> (state, metrics)` pretraining step.
+
+  `shards` (`batch_shards`): ITM negatives are drawn within each of that many blocks of the
+  global batch (the data-parallel shards).
+  """
   weights = {k: float(config.loss_weights.get(k, 0.0)) for k in LOSSES}
   mcfg = model.config
   psl = config.psl
@@ -110,7 +136,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
       losses["itc"] = itc
 
       if weights["itm"]:
-        neg_text, neg_image = obj.sample_hard_negatives(k_neg, sim_i2t[:, :b], sim_t2i[:, :b])
+        neg_text, neg_image = obj.sample_hard_negatives(k_neg, sim_i2t[:, :b], sim_t2i[:, :b],
+                                                        shards=shards)
         # One multimodal pass over 3B pairs: (text, image), (text, its negative image),
         # (negative text, image).
         ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
@@ -192,12 +219,16 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter):
   return train_step
 
 
-def make_init(config, model: SIMLA, tx, targeter):
-  """rng -> TrainState with params, momentum copies, ITC queues and frozen MIM targets."""
+def make_init(config, model: SIMLA, tx, targeter, public_weights=None):
+  """rng -> TrainState with params, momentum copies, ITC queues and frozen MIM targets.
+
+  `public_weights` ({Flax path: array}, `pretrained.load_public_weights`) replace the
+  random values before the momentum copies are taken (momentum = online at step 0).
+  """
 
   def init(rng):
     k_params, k_queues, k_state = jax.random.split(rng, 3)
-    params = init_params(model, k_params)
+    params = pretrained.with_weights(init_params(model, k_params), public_weights or {})
     extras = dict(momentum=init_momentum(params),
                   mim_target=jax.tree.map(jnp.asarray, targeter.init_state()),
                   **init_queues(k_queues, config.queue_size, model.config.embed_dim))
@@ -207,13 +238,16 @@ def make_init(config, model: SIMLA, tx, targeter):
 
 
 def make_task(config, mesh) -> Task:
-  del mesh  # shardings come from the params' logical axis names
-  check_config(config)
+  # Parameter shardings come from their logical axis names; the mesh sets the ITM blocks.
+  check_config(config, mesh)
+  init_cfg = config.get("init") or pretrained.init_config()
+  pretrained.check_files(init_cfg)     # before any data is read: a missing file is named
   tokenizer = pipeline.make_tokenizer(config.data)
   targeter = mim_targets.MimTargeter(config.data.mim)
   model = SIMLA(resolve_model_config(config, tokenizer, targeter))
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
-  init = make_init(config, model, tx, targeter)
+  init = make_init(config, model, tx, targeter,
+                   pretrained.load_public_weights(init_cfg, model.config))
   train_data = pipeline.make_train_iterator(
       config.data, batch_size=config.batch_size // jax.process_count(), tokenizer=tokenizer)
   evaluator = retrieval.Evaluator(model, config.eval, config.data, tokenizer)
@@ -228,6 +262,7 @@ def make_task(config, mesh) -> Task:
     print(f"Plots: {workdir}/losses.png, {workdir}/retrieval.png")
 
   return Task(init=init,
-              train_step=make_train_step(config, model, tx, schedule, tokenizer, targeter),
+              train_step=make_train_step(config, model, tx, schedule, tokenizer, targeter,
+                                         shards=batch_shards(config, mesh)),
               train_data=train_data, evaluate=evaluate, finish=finish,
               loss_keys=("loss",) + tuple(k for k in LOSSES if config.loss_weights.get(k)))

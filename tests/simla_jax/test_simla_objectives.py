@@ -1,9 +1,12 @@
 """SIMLA objectives against explicit NumPy computations on small cases."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from simla_jax import objectives as obj
 
@@ -68,6 +71,42 @@ def test_hard_negatives_never_pick_the_positive_and_follow_similarity():
   assert np.all(counts[np.arange(b), (np.arange(b) + 1) % b] >= 45)
 
 
+def test_device_negatives_never_cross_shards():
+  """negatives_from="device": under jit on a batch sharded over 8 devices, every negative
+  comes from the row's own shard; drawn from the whole batch, they do cross."""
+  shards, per_shard = 8, 4
+  b = shards * per_shard
+  mesh = jax.make_mesh((shards,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+  rng = np.random.default_rng(0)
+  # Flat similarities: without the shard rule, most negatives would lie in other shards.
+  sims = [jax.device_put(rng.normal(scale=0.1, size=(b, b)).astype(np.float32), rows)
+          for _ in range(2)]
+  draw = {n: jax.jit(functools.partial(obj.sample_hard_negatives, shards=n)) for n in (shards, 1)}
+  own_shard = np.arange(b) // per_shard
+  crossed = 0
+  with jax.set_mesh(mesh):
+    for seed in range(20):
+      for neg in draw[shards](jax.random.key(seed), *sims):
+        neg = np.asarray(neg)
+        assert np.all(neg // per_shard == own_shard) and np.all(neg != np.arange(b))
+      neg_t, _ = draw[1](jax.random.key(seed), *sims)
+      crossed += np.sum(np.asarray(neg_t) // per_shard != own_shard)
+  assert crossed > 0.5 * 20 * b
+  # Within a shard, the draw follows the similarity like the whole-batch one.
+  sim = np.full((b, b), -5.0, np.float32)
+  np.fill_diagonal(sim, 10.0)
+  nxt = np.arange(b) // per_shard * per_shard + (np.arange(b) + 1) % per_shard
+  sim[np.arange(b), nxt] = 5.0
+  neg_t, neg_i = draw[shards](jax.random.key(1), sim, sim)
+  assert np.mean(np.asarray(neg_t) == nxt) > 0.9 and np.mean(np.asarray(neg_i) == nxt) > 0.9
+
+
+def test_device_negatives_need_two_rows_per_shard():
+  with pytest.raises(ValueError, match="at least 2 rows per shard"):
+    obj.sample_hard_negatives(jax.random.key(0), np.zeros((8, 8)), np.zeros((8, 8)), shards=8)
+
+
 def test_itm_loss_labels_positives_first():
   b = 2
   logits = np.zeros((3 * b, 2), np.float32)
@@ -128,6 +167,45 @@ def test_psl_picks_the_positions_the_attention_implies():
   hot = obj.psl_keywords(attn, ids, vocab_size=20, per_head=2, n_keywords=3, cls_id=0)
   # Third place is a tie between [CLS] (pos 0) and pos 5; [CLS] is never a keyword.
   assert 0 not in set(np.flatnonzero(np.asarray(hot[0])))
+
+
+def _official_keyword_positions(attn_b_h_l, per_head, n_keywords):
+  """The official count rule (models/simla/pretrain.py, Pseudo-label Supervision): per-head
+  torch.topk, scatter_add of the votes, torch.topk of the counts. (positions, counts)."""
+  attn = torch.from_numpy(np.asarray(attn_b_h_l))
+  b, _, l = attn.shape
+  top = attn.reshape(-1, l).topk(per_head, dim=-1).indices.view(b, -1)
+  counts = torch.zeros(b, l, dtype=top.dtype).scatter_add_(1, top, torch.ones_like(top))
+  return counts.topk(n_keywords, dim=-1).indices.numpy(), counts.numpy()
+
+
+def test_psl_ties_never_lose_a_keyword_to_cls():
+  """[CLS] ties for 5th place: the selection is one the official count rule allows (the
+  same vote counts) and takes the tied keyword instead of [CLS], whose column is zeroed."""
+  rng = np.random.default_rng(0)
+  b, h, l, per_head, n = 32, 12, 10, 4, 5
+  ids = np.stack([rng.permutation(np.arange(1, 40))[:l] for _ in range(b)])
+  ids[:, 0] = 0                                   # [CLS]
+  attn = rng.uniform(0.0, 0.01, (b, h, l)).astype(np.float32)
+  for i in range(b):
+    others = rng.permutation(np.arange(1, l))
+    top, tied = others[:4], others[4:6]           # 9 votes each; [CLS] and `tied`: 4 each
+    for j in range(h):
+      attn[i, j, np.delete(top, j % 4)] += 1.0
+      attn[i, j, [0, *tied][j % 3]] += 1.0
+  official, counts = _official_keyword_positions(attn, per_head, n)
+  hot = np.asarray(obj.psl_keywords(attn, ids, vocab_size=40, per_head=per_head,
+                                    n_keywords=n, cls_id=0))
+  lowest_index = np.asarray(jax.lax.top_k(jnp.asarray(counts, jnp.float32), n)[1])
+  for i in range(b):
+    assert counts[i, 0] == 4 and sorted(counts[i])[-5:] == [4, 9, 9, 9, 9]
+    words = set(np.flatnonzero(hot[i]))
+    assert len(words) == n and 0 not in words                # five keywords, no [CLS]
+    ours = [int(np.flatnonzero(ids[i] == w)[0]) for w in words]
+    assert sorted(counts[i, ours]) == sorted(counts[i, official[i]])   # a valid official pick
+    assert 0 in lowest_index[i]      # what plain top_k on the counts picks: 4 keywords left
+  print("keywords: ours", int(hot.sum()), "official topk", sum(
+      len(set(ids[i, official[i]]) - {0}) for i in range(b)), "lowest index", 4 * b)
 
 
 def test_psl_loss_is_bce_mixed_by_alpha():

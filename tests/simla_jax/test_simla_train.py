@@ -10,6 +10,7 @@ from simla_jax import retrieval
 from simla_jax import train as simla_train
 from train_jax import loop
 from train_jax import metrics as metrics_lib
+from train_jax import sharding
 
 
 def test_recall_at_k_matches_hand_computed_ranks():
@@ -37,6 +38,23 @@ def test_config_errors_name_the_key():
   c.queue_size = 30
   with pytest.raises(ValueError, match="queue_size"):
     simla_train.check_config(c)
+  c = simla_config.get_config("tiny")
+  c.itm.negatives_from = "gpu"
+  with pytest.raises(ValueError, match="itm.negatives_from 'gpu'"):
+    simla_train.check_config(c)
+
+
+def test_device_negatives_follow_the_data_parallel_shards():
+  c = simla_config.get_config("tiny")
+  mesh = sharding.make_mesh(c.mesh)                  # 8 test devices, all data-parallel
+  assert simla_train.batch_shards(c, mesh) == 1      # tiny: "global"
+  c.itm.negatives_from = "device"
+  assert simla_train.batch_shards(c, mesh) == 8
+  with pytest.raises(ValueError, match=r"batch_size >= 16 \(got 8\)"):
+    simla_train.check_config(c, mesh)
+  c.batch_size = 16
+  simla_train.check_config(c, mesh)
+  assert simla_config.get_config().itm.negatives_from == "device"   # the official default
 
 
 @pytest.mark.slow

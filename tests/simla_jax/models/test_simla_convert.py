@@ -6,6 +6,8 @@ with `crossattention`, ...), so the converter is checked against real naming and
 loaded model against the modules the weights came from.
 """
 
+import argparse
+
 import flax.linen as nn
 import flax.traverse_util as traverse_util
 import jax
@@ -171,3 +173,202 @@ def test_deit_checkpoint_into_the_vit(official):
   with pytest.raises(convert.CheckpointError, match="unexpected key dist_token"):
     convert.load_vit_checkpoint({**deit, "dist_token": np.zeros((1, 1, 64), np.float32)},
                                 cfg, init)
+
+
+# --- fine-tuned layouts ----------------------------------------------------------------------
+
+_PRETRAIN_ONLY = ("mim_head", "mim_head_m", "concept_head", "concept_head_m")
+
+
+def _downstream(sd, momentum=True):
+  """The official pretraining state dict as a downstream script's model holds it: `.bert.`
+  stripped (BertModel), no MLM / MIM / concept heads, no mask token, no queues."""
+  out = {}
+  for k, v in sd.items():
+    if (k.split(".")[0] in _PRETRAIN_ONLY or ".cls." in k or k.endswith("mask_token")
+        or k in ("image_queue", "text_queue", "queue_ptr")):
+      continue
+    if not momentum and k.split(".")[0].endswith("_m"):
+      continue
+    out[k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.",
+                                                                 "text_encoder_m.")] = v
+  return out
+
+
+def _retrieval(sd):
+  """models/simla/retrieval.py's state dict: + queues and the (never updated) idx_queue."""
+  out = {k: v for k, v in _downstream(sd).items() if not k.startswith("itm_head_m")}
+  out.update({k: sd[k] for k in ("image_queue", "text_queue", "queue_ptr")})
+  out["idx_queue"] = np.full((1, sd["image_queue"].shape[1]), -100, np.int64)
+  return out
+
+
+def _finetune_cfg(cfg):
+  c = cfg.copy_and_resolve_references()
+  c.use_mask_token = False          # fine-tuning configs set vit_mask_token: false
+  return c
+
+
+def test_retrieval_layout_loads_and_reproduces_outputs(official):
+  cfg, sd, mods, *_ = official
+  cfg = _finetune_cfg(cfg)
+  ck = convert.read_official_checkpoint(_retrieval(sd), cfg)
+  assert (ck.layout, ck.albef) == ("retrieval", False)
+  assert {"params/mim_head", "params/concept_head", "params/bert/mlm_head",
+          "params_m/mim_head"} <= set(ck.absent)
+  assert not any(a.endswith(("/vit", "/itm_head", "/vision_proj")) for a in ck.absent)
+  assert ck.queues["idx_queue"].shape == (64,) and int(ck.queues["queue_ptr"]) == 16
+  model = SIMLA(cfg)
+  init = nn.meta.unbox(init_params(model, jax.random.key(3)))
+  p = convert.merge_params(init, ck.params)
+  pm = convert.merge_params({k: init[k] for k in MOMENTUM_MODULES}, ck.params_m)
+  rng = np.random.default_rng(5)
+  images = rng.standard_normal((2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  ids = rng.integers(1, cfg.bert.vocab_size, (2, 6)).astype(np.int32)
+  mask = np.ones_like(ids)
+  errs = {}
+  for name, tree in (("", p), ("_m", pm)):
+    run = lambda method, *a, t=tree: model.apply({"params": t}, *a, method=method)
+    image_seq = run("embed_image", images)
+    fused = run("fuse", ids, mask, image_seq)
+    ours = {"image_feat": run("image_feature", image_seq),
+            "text_feat": run("text_feature", run("embed_text", ids, mask)), "fused": fused}
+    with torch.no_grad():
+      seq_ref = mods[f"vit{name}"](pixel_values=torch_images(images)).last_hidden_state
+      text = mods[f"text{name}"]
+      fused_ref = text(input_ids=torch.from_numpy(ids).long(), encoder_hidden_states=seq_ref,
+                       encoder_attention_mask=torch.ones(seq_ref.shape[:2])).last_hidden_state
+      text_ref = text(input_ids=torch.from_numpy(ids).long()).last_hidden_state
+      refs = {"image_feat": torch.nn.functional.normalize(
+                  mods[f"vision_proj{name}"](seq_ref[:, 0]), dim=-1),
+              "text_feat": torch.nn.functional.normalize(
+                  mods[f"text_proj{name}"](text_ref[:, 0]), dim=-1),
+              "fused": fused_ref}
+      if not name:
+        ours["itm"] = run("itm_logits", fused)
+        refs["itm"] = mods["itm_head"](fused_ref[:, 0])
+    errs.update({k + name: rel_err(ours[k], refs[k].numpy()) for k in ours})
+  print("retrieval-layout parity (max rel err): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in sorted(errs.items())))
+  assert max(errs.values()) < TOL, errs
+
+
+def _task_layout(sd, layout, width, rng):
+  """VE / NLVR2 / VQA / NLVR-pretraining state dicts: encoders + the task's own head."""
+  lin = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  if layout == "ve" or layout == "nlvr":
+    out = {k: v for k, v in _downstream(sd).items()
+           if k.split(".")[0] in ("visual_encoder", "text_encoder", "visual_encoder_m",
+                                  "text_encoder_m")}
+    n = 3 if layout == "ve" else 2
+    for head in ("cls_head", "cls_head_m"):
+      out.update({f"{head}.0.weight": lin(width, width), f"{head}.0.bias": lin(width),
+                  f"{head}.2.weight": lin(n, width), f"{head}.2.bias": lin(n)})
+    return out
+  if layout == "vqa":
+    out = {k: v for k, v in _downstream(sd, momentum=False).items()
+           if k.split(".")[0] in ("visual_encoder", "text_encoder")}
+    out["text_decoder.bert.encoder.layer.0.crossattention.self.query.weight"] = lin(width, width)
+    out["text_decoder.cls.predictions.bias"] = lin(8)
+    return out
+  out = {k: v for k, v in _downstream(sd, momentum=False).items()
+         if k.split(".")[0] in ("visual_encoder", "text_encoder", "vision_proj", "text_proj",
+                                "temp")}
+  out.update({"ta_head.weight": lin(3, width), "ta_head.bias": lin(3)})
+  return out
+
+
+@pytest.mark.parametrize("layout", ["ve", "nlvr", "vqa", "nlvr_pretrain"])
+def test_task_layouts_load_their_encoders_and_keep_their_heads(official, layout):
+  cfg, sd, _, params, *_ = official
+  cfg = _finetune_cfg(cfg)
+  state = _task_layout(sd, layout, cfg.bert.hidden, np.random.default_rng(0))
+  ck = convert.read_official_checkpoint(state, cfg)
+  assert ck.layout == layout
+  assert (ck.params_m is not None) == (layout in ("ve", "nlvr"))
+  assert sorted(ck.extras) == sorted(k for k in state if k.startswith(convert.EXTRA_PREFIXES))
+  for tree in ("vit", "bert"):
+    want = traverse_util.flatten_dict(params[tree])
+    got = traverse_util.flatten_dict(ck.params[tree])
+    assert set(got) == {k for k in want if k[0] not in ("mlm_head", "mask_token")}
+    for k in got:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{tree}/{k}")
+  assert ("vision_proj" in ck.params) == (layout == "nlvr_pretrain")
+
+
+def test_missing_and_unknown_keys_are_listed_and_can_be_ignored(official):
+  cfg, sd, *_ = official
+  cfg = _finetune_cfg(cfg)
+  state = _retrieval(sd)
+  gone = "text_encoder.encoder.layer.1.output.dense.weight"
+  bad = {**{k: v for k, v in state.items() if k != gone},
+         "foo_head.weight": np.zeros((2, 3), np.float32), "itm_head_m.bias": np.zeros(2)}
+  message = str(pytest.raises(convert.CheckpointError, convert.read_official_checkpoint,
+                              bad, cfg).value)
+  for fragment in (f"missing key {gone}", "unexpected key foo_head.weight with shape (2, 3)",
+                   "unexpected key itm_head_m.bias", "retrieval layout", "ignore_missing="):
+    assert fragment in message, (fragment, message)
+  ck = convert.read_official_checkpoint(bad, cfg, ignore_missing=(gone,),
+                                        ignore_unexpected=("foo_head.*", "itm_head_m.*"))
+  assert "kernel" not in ck.params["bert"]["layer_1"]["mlp"]["fc2"]
+  # A pretraining checkpoint into a target without the pretraining heads.
+  ck = convert.read_official_checkpoint(sd, cfg)
+  assert ck.layout == "pretrain" and "mim_head" in ck.params and ck.absent == ()
+
+
+def test_albef_naming_folds_token_types(official):
+  cfg, sd, *_ = official
+  cfg = _finetune_cfg(cfg)
+  state = _retrieval(sd)
+  tt = np.random.default_rng(2).standard_normal((2, cfg.bert.hidden)).astype(np.float32)
+  state["text_encoder.embeddings.token_type_embeddings.weight"] = tt
+  ck = convert.read_official_checkpoint(state, cfg)
+  assert ck.albef and ck.layout == "retrieval"
+  np.testing.assert_allclose(
+      ck.params["bert"]["embeddings"]["position_embeddings"]["embedding"],
+      state["text_encoder.embeddings.position_embeddings.weight"] + tt[0])
+  # ALBEF's fusion layout: no cross-attention below the fusion layer.
+  fusion = {k: v for k, v in state.items() if not k.startswith("text_encoder.encoder.layer.0.cross")}
+  with pytest.raises(convert.CheckpointError, match="fusion layer"):
+    convert.read_official_checkpoint(fusion, cfg)
+  ck = convert.read_official_checkpoint(
+      fusion, cfg, ignore_missing=("text_encoder.encoder.layer.0.crossattention.*",))
+  assert "crossattention" not in ck.params["bert"]["layer_0"]
+
+
+def test_official_pth_with_its_config(official, tmp_path):
+  cfg, sd, *_ = official
+  path = tmp_path / "checkpoint_best.pth"
+  torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in _retrieval(sd).items()},
+              "config": argparse.Namespace(image_res=384, k_test=128), "epoch": 4}, path)
+  ck = convert.read_official_checkpoint(str(path), _finetune_cfg(cfg))
+  assert ck.layout == "retrieval" and ck.config == {"image_res": 384, "k_test": 128}
+
+
+def test_fine_tuned_layout_into_the_scanned_model(official):
+  """With model.scan_layers the loaded trees are stacked and run the same network."""
+  cfg, sd, mods, *_ = official
+  cfg = _finetune_cfg(cfg)
+  scan = cfg.copy_and_resolve_references()
+  scan.scan_layers = True
+  ck = convert.read_official_checkpoint(_retrieval(sd), scan)
+  assert "blocks" in ck.params["vit"] and "block_0" not in ck.params["vit"]
+  model = SIMLA(scan)
+  p = convert.merge_params(nn.meta.unbox(init_params(model, jax.random.key(3))), ck.params)
+  rng = np.random.default_rng(5)
+  images = rng.standard_normal((2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  ids = rng.integers(1, cfg.bert.vocab_size, (2, 6)).astype(np.int32)
+  image_seq = model.apply({"params": p}, images, method="embed_image")
+  fused = model.apply({"params": p}, ids, np.ones_like(ids), image_seq, method="fuse")
+  with torch.no_grad():
+    seq_ref = mods["vit"](pixel_values=torch_images(images)).last_hidden_state
+    fused_ref = mods["text"](input_ids=torch.from_numpy(ids).long(),
+                             encoder_hidden_states=seq_ref,
+                             encoder_attention_mask=torch.ones(seq_ref.shape[:2])).last_hidden_state
+  assert rel_err(fused, fused_ref.numpy()) < TOL
+  # A layer left partly unloaded cannot be stacked: the error says why.
+  gone = {k: v for k, v in _retrieval(sd).items()
+          if not k.startswith("text_encoder.encoder.layer.0.crossattention")}
+  with pytest.raises(convert.CheckpointError, match="scan_layers"):
+    convert.read_official_checkpoint(
+        gone, scan, ignore_missing=("text_encoder.encoder.layer.0.crossattention.*",))
