@@ -791,8 +791,8 @@ VIT_DROPPED = DEIT_DROPPED + ("classifier.weight", "classifier.bias", "pooler.de
 
 def vit_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> dict[Path, np.ndarray]:
   """DeiT / timm (state dict possibly under "model") or Hugging Face ViT weights ->
-  {Flax path under the params root: array} for the ViT; the position embedding resized to
-  `cfg.image_size`. The MIM `mask_token` is absent unless the checkpoint has one (DeiT has
+  {Flax path under the params root, per-layer layout (`stack_layers` for a scanned model):
+  array} for the ViT; the position embedding resized to `cfg.image_size`. The MIM `mask_token` is absent unless the checkpoint has one (DeiT has
   none: the official model keeps its initial zeros)."""
   state = hf_vit_to_timm(read_state_dict(path_or_state_dict))
   rules = vit_rules(cfg, "", ("vit",), cfg.use_mask_token)
@@ -802,7 +802,8 @@ def vit_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> 
 
 def bert_init_leaves(path_or_state_dict: Any, cfg: ml_collections.ConfigDict) -> dict[Path, np.ndarray]:
   """Hugging Face BERT (BertForMaskedLM / BertForPreTraining naming, e.g. bert-base-uncased)
-  -> {Flax path: array} for the embeddings, self-attention, FFN and MLM head of every layer.
+  -> {Flax path (per-layer layout): array} for the embeddings, self-attention, FFN and MLM
+  head of every layer.
 
   No cross-attention leaf is returned: the official code (`BertForMaskedLM.from_pretrained`
   with `add_cross_attention`) leaves every `crossattention.*` weight at its fresh
