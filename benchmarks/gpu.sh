@@ -21,6 +21,7 @@
 # past BUDGET_S (default 450 s) is skipped.
 #
 # Environment: PYTHON (default python), BUDGET_S, ONLY (comma-separated item names to run),
+# DRY (print each item's command, run none),
 # SCAN (default 1: model.scan_layers=True on the SIMLA rows; 0 leaves the config's
 # default), REF_PY, REF_PYTHONPATH (put first on PYTHONPATH for the official code only: the
 # GPU image's transformers is too new for it, see shared/reference/README.md).
@@ -96,6 +97,7 @@ run() {
     return 1
   fi
   echo "== $name (limit $limit s, at $now s): $*" | tee -a "$LOG"
+  [[ -n "${DRY:-}" ]] && return 0
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]} took=$(( $(date +%s) - START - now )) status=ok
   (( rc != 0 )) && status=failed
@@ -123,6 +125,7 @@ official() {  # official NAME AMP: the official PyTorch step, its JSON line kept
   rm -f "$out"
   run "$name" "$REF_S" "${env[@]}" "$ref_py" "$REF/run_ref.py" "${REF_ARGS[@]}" --amp "$amp" \
     --out "$out" || return 0
+  [[ -n "${DRY:-}" ]] && return 0
   "$PY" benchmarks/report.py "$RES" --add bench=simla_ref "label=$LABEL" "amp=$amp" \
     --json "$out" > /dev/null
 }

@@ -27,19 +27,22 @@ FAKE_REF = textwrap.dedent("""
 """)
 
 
-def _gpu_sh(tmp_path, only, budget_s=400, ref=True):
+def _gpu_sh(tmp_path, only, budget_s=400, ref=True, **env_vars):
   ref_dir = tmp_path / "ref"
   ref_dir.mkdir(exist_ok=True)
   (ref_dir / "run_ref.py").write_text(FAKE_REF)
   env = dict(os.environ, SMOKE="1", ONLY=only, BUDGET_S=str(budget_s), PYTHON=sys.executable,
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.update(env_vars)
   out = tmp_path / "out"
   proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), str(out)]
                         + ([str(ref_dir)] if ref else []),
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget_s + 60)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  with open(out / "results.jsonl") as f:
-    rows = [json.loads(line) for line in f]
+  rows = []
+  if (out / "results.jsonl").exists():
+    with open(out / "results.jsonl") as f:
+      rows = [json.loads(line) for line in f]
   return out, rows, proc.stdout
 
 
@@ -66,6 +69,23 @@ def test_an_item_past_its_budget_is_skipped_and_recorded(tmp_path):
   assert "matmul: skipped" in stdout           # its 60 s limit does not fit in 30 s
   (item,) = [r for r in rows if r.get("bench") == "item"]
   assert item["item"] == "matmul" and item["status"] == "skipped"
+
+
+def test_gpu_commands_within_eight_minutes(tmp_path):
+  """The GPU sequence (DRY: commands printed, none run): bfloat16, cuDNN attention, scanned
+  layers, the official step on CUDA; every limit inside the budget, the budget inside 8 min."""
+  _, rows, stdout = _gpu_sh(tmp_path, "", budget_s=450, SMOKE="", DRY="1")
+  commands = {line.split(" (limit")[0][3:]: line for line in stdout.splitlines()
+              if line.startswith("== ") and " (limit " in line}
+  assert list(commands)[:5] == ["smoke", "matmul", "simla compile", "simla run", "official_bf16"]
+  for name in ("smoke", "simla compile", "simla run"):
+    assert ("--dtype bfloat16 --attention cudnn --override model.scan_layers=True"
+            in commands[name]), name
+  assert "--size base --batch 64" in commands["simla run"]
+  assert "--memory_only" in commands["simla compile"]
+  assert "--mode time_base --device cuda --batch 64 --amp bf16" in commands["official_bf16"]
+  limits = [int(line.split("(limit ")[1].split(" s")[0]) for line in commands.values()]
+  assert max(limits) <= 450 and rows == []
 
 
 @pytest.mark.slow
