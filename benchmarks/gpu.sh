@@ -21,6 +21,7 @@
 # past BUDGET_S (default 450 s) is skipped.
 #
 # Environment: PYTHON (default python), BUDGET_S, ONLY (comma-separated item names to run),
+# DRY (print each item's command, run none),
 # SCAN (default 1: model.scan_layers=True on the SIMLA rows; 0 leaves the config's
 # default), REF_PY, REF_PYTHONPATH (put first on PYTHONPATH for the official code only: the
 # GPU image's transformers is too new for it, see shared/reference/README.md).
@@ -58,7 +59,8 @@ if [[ -n "${SMOKE:-}" ]]; then
   MVCOM=(--size default --batch 16 --meta_batch 8 --steps 2 --warmup 1 --rows plain,mvcom)
   INPUT=(--pipelines simla_small,face_synthetic --seconds 1 --threads 1)
   REF_ARGS=(--mode time_base --device cpu --tiny_base --steps 1 --warmup 1)
-  SMOKE_S=240; MATMUL_S=60; COMPILE_S=240; RUN_S=240; REF_S=120; MVCOM_S=240; INPUT_S=60
+  # A loaded 2-core CPU compiles the tiny step in one to four minutes.
+  SMOKE_S=600; MATMUL_S=60; COMPILE_S=600; RUN_S=300; REF_S=120; MVCOM_S=300; INPUT_S=60
 else
   LABEL="gpu.sh"
   DTYPE=bfloat16; ATTENTION=cudnn
@@ -79,21 +81,23 @@ fi
 # note KEY=VALUE...: one line in results.jsonl (date, host, load added), from the shell.
 note() { "$PY" benchmarks/report.py "$RES" --add "$@" > /dev/null; }
 
+# selected NAME: whether ONLY (if set) names this item (its first word).
+selected() { [[ -z "$ONLY" || ",$ONLY," == *",${1%% *},"* ]]; }
+
 # run NAME SECONDS CMD...: CMD under a time limit if the budget allows; its output goes to
 # the log as it comes; an "item" line records how it ended.
 run() {
   local name=$1 limit=$2
   shift 2
   local now=$(( $(date +%s) - START ))
-  if [[ -n "$ONLY" && ",$ONLY," != *",${name%% *},"* ]]; then
-    return 0
-  fi
+  selected "$name" || return 0
   if (( now + limit > BUDGET_S )); then
     echo "== $name: skipped ($now s used, $limit s more would pass ${BUDGET_S} s)" | tee -a "$LOG"
     note bench=item "item=$name" status=skipped "at_s=$now" "limit_s=$limit" "label=$LABEL"
     return 1
   fi
   echo "== $name (limit $limit s, at $now s): $*" | tee -a "$LOG"
+  [[ -n "${DRY:-}" ]] && return 0
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]} took=$(( $(date +%s) - START - now )) status=ok
   (( rc != 0 )) && status=failed
@@ -113,6 +117,7 @@ simla() {  # simla NAME SECONDS FLAGS...: one bench_simla.py run
 
 official() {  # official NAME AMP: the official PyTorch step, its JSON line kept as a row
   local name=$1 amp=$2 ref_py=${REF_PY:-$REF/venv/bin/python}
+  selected "$name" || return 0
   [[ -x "$ref_py" ]] || ref_py=$PY
   local out="$OUT/$name.json"
   local env=()
@@ -120,6 +125,7 @@ official() {  # official NAME AMP: the official PyTorch step, its JSON line kept
   rm -f "$out"
   run "$name" "$REF_S" "${env[@]}" "$ref_py" "$REF/run_ref.py" "${REF_ARGS[@]}" --amp "$amp" \
     --out "$out" || return 0
+  [[ -n "${DRY:-}" ]] && return 0
   "$PY" benchmarks/report.py "$RES" --add bench=simla_ref "label=$LABEL" "amp=$amp" \
     --json "$out" > /dev/null
 }
@@ -133,7 +139,7 @@ jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.de
 } 2>&1 | tee -a "$LOG"
 
 # An API break (attention, sharding, scan) shows here in seconds, not after a base compile.
-if ! simla smoke "$SMOKE_S" "${TINY[@]}" && [[ "$ATTENTION" == cudnn ]]; then
+if selected smoke && ! simla smoke "$SMOKE_S" "${TINY[@]}" && [[ "$ATTENTION" == cudnn ]]; then
   echo "== the tiny step failed with cuDNN attention: the SIMLA rows use XLA attention" \
     | tee -a "$LOG"
   ATTENTION=xla
