@@ -480,9 +480,10 @@ def load_official_checkpoint(path_or_state_dict: Any, cfg: ml_collections.Config
     params: the online tree of `SIMLA(cfg)`; params_m: the momentum tree
     (`momentum.MOMENTUM_MODULES`); queues: {"image_queue", "text_queue": (queue_size,
     embed_dim), "queue_ptr": int32 ()} (the official buffers are (embed_dim, queue_size)).
+    With `cfg.scan_layers` the layers are stacked (see `stack_layers`).
   """
   state = read_state_dict(path_or_state_dict)
-  abstract = simla_lib.abstract_params(cfg)
+  abstract = simla_lib.abstract_params(per_layer_config(cfg))
   expected = {**flat_shapes(abstract, ("params",)),
               **flat_shapes(momentum_lib.init_momentum(abstract), ("params_m",))}
   queue_keys = ("image_queue", "text_queue", "queue_ptr")

@@ -3,7 +3,8 @@
 The fake official checkpoint is built from HF modules' state dicts renamed to the
 official names (timm `visual_encoder.blocks.i.attn.qkv.*`, med `text_encoder.bert.*`
 with `crossattention`, ...), so the converter is checked against real naming and the
-loaded model against the modules the weights came from.
+loaded model against the modules the weights came from. Every test runs with the layers
+unrolled and scanned (`model.scan_layers`: the converters read and write stacked layers).
 """
 
 import flax.linen as nn
@@ -21,9 +22,9 @@ from simla_torch_refs import official_state_dict, ref_config, rel_err, torch_ima
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def official():
-  cfg = ref_config()
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def official(request):
+  cfg = ref_config(scan_layers=request.param)
   sd, mods = official_state_dict(cfg, seed=11)
   params, params_m, queues = convert.load_official_checkpoint(sd, cfg)
   return cfg, sd, mods, params, params_m, queues
