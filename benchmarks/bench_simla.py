@@ -2,6 +2,7 @@
 
   python benchmarks/bench_simla.py --size small [--batch 8] [--steps 10]
       [--remat [--remat_policy dots_with_no_batch_dims_saveable]] [--dtype bfloat16]
+      [--scan | --no-scan]
       [--attention einsum|xla|cudnn] [--mesh data=-1,fsdp=1,model=1]
       [--prng threefry2x32|philox4x32|rbg|unsafe_rbg|...] [--mim_target random_projection|dvae]
       [--memory_only] [--compare_itm] [--out benchmarks/results.jsonl]
@@ -12,10 +13,12 @@ queue 65536, 8192 codes), base (official, 256 px, batch 64).
 The step is the real one from simla_jax.train.make_train_step on synthetic batches of
 the right shapes, jitted as the loop jits it (state donated, out_shardings).
 
-Reported: compile seconds; median step wall seconds and process CPU seconds (the share
+Reported: lowering seconds (trace + StableHLO) and XLA compile seconds, separately;
+median step wall seconds and process CPU seconds (the share
 of the cores the step got on a shared machine is CPU / wall); examples/s; FLOPs per step
 from XLA's cost analysis of the compiled step (executed, remat recomputation included)
-and of the same step without remat (the model FLOPs MFU counts); MFU / HFU against the
+and of the same step without remat (the model FLOPs MFU counts) -- with `--scan` both
+are counted on the unrolled step, lowered only, since XLA counts a scan's body once; MFU / HFU against the
 matmul rate measured in this process (benchmarks/bench_matmul.py); XLA's buffer
 assignment (arguments + outputs - donated + temporaries) and the peak memory seen
 (device allocator, or the process's max RSS on CPU); the load average before and after.
@@ -159,13 +162,19 @@ def abstract_inputs(init, batch, mesh, rules):
   return state, batch, shardings
 
 
-def model_flops(c, tokenizer, targeter, abstract_state, abstract_batch) -> float:
-  """FLOPs of the step without remat (what MFU counts), from the lowered HLO: no compile."""
+def unrolled_flops(c, tokenizer, targeter, batch_np, mesh, remat: bool) -> float:
+  """FLOPs of the step with its layers unrolled, from the lowered HLO (no compile).
+
+  XLA's cost analysis counts the body of a loop once, so a scanned step is counted on
+  its unrolled twin; `remat=False` gives the model FLOPs MFU counts, `remat=True` the
+  executed ones (recomputation included).
+  """
   c = c.copy_and_resolve_references()
-  c.model.remat = False
-  _, _, _, step, _ = build(c, tokenizer, targeter)
-  lowered = jax.jit(step).lower(abstract_state, abstract_batch)
-  return common.cost(lowered)["flops"]
+  c.model.update(remat=c.model.remat and remat, scan_layers=False)
+  _, _, _, step, init = build(c, tokenizer, targeter)
+  a_state, a_batch, _ = abstract_inputs(init, batch_np, mesh, c.axis_rules)
+  with jax.set_mesh(mesh):
+    return common.cost(jax.jit(step).lower(a_state, a_batch))["flops"]
 
 
 def residual_memory(step, abstract_state, abstract_batch) -> dict[str, float]:
@@ -245,6 +254,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat_policy", default="nothing_saveable", choices=layers.REMAT_POLICIES)
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                 help="model.scan_layers (ViT blocks / BERT layers as one nn.scan each); "
+                      "default: the size's config (on for base)")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"))
   p.add_argument("--mesh", default="data=-1,fsdp=1,model=1")
@@ -289,6 +301,8 @@ def main(argv=None):
   c = make_config(args.size, args.batch, args.mim_target)
   c.model.update(remat=args.remat, dtype=args.dtype, attention_impl=args.attention)
   c.model.remat_policy = args.remat_policy
+  if args.scan is not None:
+    c.model.scan_layers = args.scan
   c.mesh.update({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
   if args.loss_weights:
     c.loss_weights.update({k: float(v) for k, v in (kv.split("=") for kv in
@@ -308,7 +322,8 @@ def main(argv=None):
           ("MIM target", c.data.mim.target), ("devices", f"{jax.device_count()} "
                                                          f"{common.machine()['device']}"),
           ("dtype", args.dtype),
-          ("remat", args.remat_policy if args.remat else "off"), ("attention", args.attention),
+          ("remat", args.remat_policy if args.remat else "off"),
+          ("scan layers", c.model.scan_layers), ("attention", args.attention),
           ("prng", args.prng), ("donate", not args.no_donate),
           ("params (online)",
            f"{sum(np.prod(x.shape) for x in jax.tree.leaves(a_state.params)) / 1e6:.2f} M")]
@@ -317,14 +332,18 @@ def main(argv=None):
                              f"{c.model.bert.dropout}"))
   record = dict(bench="simla", size=args.size, batch=b, dtype=args.dtype,
                 remat=args.remat_policy if args.remat else "off", attention=args.attention,
+                scan_layers=c.model.scan_layers,
                 prng=args.prng, mim_target=c.data.mim.target, label=args.label,
                 model_gflop_given=args.model_gflop or None,
                 loss_weights=dict(c.loss_weights), bert_dropout=c.model.bert.dropout,
                 overrides=args.override)
 
   if args.flops_only:
-    with jax.set_mesh(mesh):
-      mflops = common.cost(jax.jit(step).lower(a_state, a_batch))["flops"]
+    if c.model.scan_layers:
+      mflops = unrolled_flops(c, tokenizer, targeter, batch_np, mesh, remat=True)
+    else:
+      with jax.set_mesh(mesh):
+        mflops = common.cost(jax.jit(step).lower(a_state, a_batch))["flops"]
     rows += [("GFLOP/step model (traced, no compile)", f"{mflops / 1e9:.2f}"),
              ("GFLOP per example", f"{mflops / 1e9 / b:.2f}")]
     common.print_rows(rows)
@@ -346,17 +365,25 @@ def main(argv=None):
                      donate_argnums=() if args.no_donate else (0,))
     t0 = time.perf_counter()
     lowered = jitted.lower(a_state, a_batch)
+    t1 = time.perf_counter()
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    flops = common.cost(compiled)["flops"]
+    t2 = time.perf_counter()
+    lower_s, compile_s = t1 - t0, t2 - t1
+    load_compiled = common.load()
+    if c.model.scan_layers:
+      flops = unrolled_flops(c, tokenizer, targeter, batch_np, mesh, remat=True)
+    else:
+      flops = common.cost(compiled)["flops"]
     if args.model_gflop:
       mflops = args.model_gflop * 1e9
-    elif args.remat:
-      mflops = model_flops(c, tokenizer, targeter, a_state, a_batch)
+    elif args.remat or c.model.scan_layers:
+      mflops = unrolled_flops(c, tokenizer, targeter, batch_np, mesh, remat=False)
     else:
       mflops = common.cost(lowered)["flops"]
     mem = common.memory(compiled)
-    rows += [("compile s", f"{compile_s:.1f}"),
+    rows += [("lower s (trace + StableHLO)", f"{lower_s:.1f}"),
+             ("compile s (XLA)", f"{compile_s:.1f}"),
+             ("lower + compile s", f"{lower_s + compile_s:.1f}  (load after: {load_compiled})"),
              ("GFLOP/step executed (XLA)", f"{flops / 1e9:.2f}"),
              ("GFLOP/step model (no remat)", f"{mflops / 1e9:.2f}")]
     rows += [(f"XLA buffers: {k} GB", common.gb(v)) for k, v in mem.items() if k != "code"]
@@ -364,7 +391,9 @@ def main(argv=None):
       comm = common.collective_bytes(compiled)
       rows += [(f"{k} GB/device", common.gb(v)) for k, v in comm.items() if v]
       record.update({f"collective_{k}_bytes": v for k, v in comm.items()})
-    record.update(compile_s=compile_s, flops=flops, model_flops=mflops,
+    # compile_s keeps its earlier meaning (lower + compile) for results.jsonl history.
+    record.update(lower_s=lower_s, xla_compile_s=compile_s, compile_s=lower_s + compile_s,
+                  load_compiled=load_compiled, flops=flops, model_flops=mflops,
                   **{f"xla_{k}_bytes": v for k, v in mem.items()})
     if args.memory_only:
       rows.append(("load before / after", f"{load_before} / {common.load()}"))

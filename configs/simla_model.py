@@ -59,8 +59,8 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.remat = False                         # nn.remat around every ViT block and BERT layer
   c.remat_policy = "nothing_saveable"     # what remat keeps (simla_jax.models.layers.REMAT_POLICIES)
   # ViT blocks and BERT layers as one nn.scan each (parameters stacked on a leading
-  # `layers` axis): compile time no longer grows with depth. Off here, for the test sizes.
-  c.scan_layers = False
+  # `layers` axis): compile time no longer grows with depth. On for the accelerator size.
+  c.scan_layers = size == "base"
   c.dtype = "float32"                     # compute dtype; parameters stay float32
   # "einsum" computes attention explicitly; "xla" / "cudnn" use jax.nn.dot_product_attention
   # wherever attention probabilities and attention dropout are not needed.

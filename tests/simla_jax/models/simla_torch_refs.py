@@ -33,7 +33,8 @@ def ref_model(cfg, seed: int = 0):
 
 
 def xla_flops(lowered) -> float:
-  """FLOPs of a lowered computation from XLA's cost analysis."""
+  """FLOPs of a lowered computation from XLA's cost analysis (which counts the body of a
+  scan once: compare FLOPs of unrolled layers)."""
   cost = lowered.cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 

@@ -1,4 +1,5 @@
-"""The three-mode BERT against Hugging Face BlipTextModel, the MLM head against BertForMaskedLM."""
+"""The three-mode BERT against Hugging Face BlipTextModel, the MLM head against BertForMaskedLM,
+with the layers unrolled and scanned (`model.scan_layers`)."""
 
 import flax.linen as nn
 import flax.traverse_util as traverse_util
@@ -24,15 +25,15 @@ def _inputs(cfg, rng):
   return ids, mask, image_seq
 
 
-@pytest.fixture(scope="module")
-def bert_setup():
-  cfg = ref_config()
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def bert_setup(request):
+  cfg = ref_config(scan_layers=request.param)
   model = SIMLA(cfg)
   text = hf_text(cfg, seed=5)
-  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  params = convert.unstack_layers(nn.meta.unbox(init_params(model, jax.random.key(0))), cfg)
   filled = convert.apply_rules(np_state(text), convert.bert_rules(cfg, "", ("bert",)),
                                convert.flat_shapes(params), source="BlipTextModel")
-  params = convert.replace_leaves(params, filled)
+  params = convert.stack_layers(convert.replace_leaves(params, filled), cfg)
   ids, mask, image_seq = _inputs(cfg, np.random.default_rng(1))
   return cfg, model, text, params, ids, mask, image_seq
 

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simla_jax import convert
 from simla_jax.models import SIMLA
 from simla_torch_refs import ref_config, ref_model, xla_flops
 
 
-@pytest.fixture(scope="module")
-def setup():
-  cfg = ref_config()
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def setup(request):
+  cfg = ref_config(scan_layers=request.param)
   model, params = ref_model(cfg)
   rng = np.random.default_rng(0)
   ids = rng.integers(1, cfg.bert.vocab_size, (3, 7)).astype(np.int32)
@@ -73,9 +74,15 @@ def test_train_mode_with_remat_and_fewer_flops(setup):
   out = jax.jit(fuse, static_argnums=2)(params, jax.random.key(1), True)
   assert out.shape == (3, 1, c.bert.hidden) and np.all(np.isfinite(out))
 
+  # Counted on the unrolled layers: XLA's cost analysis counts a scan's body once.
+  per_layer = SIMLA(convert.per_layer_config(c))
+  per_layer_params = convert.unstack_layers(params, c)
+
   def flops(cls_only):
-    loss = lambda p: jnp.sum(fuse(p, jax.random.key(1), cls_only)[:, 0] ** 2)
-    return xla_flops(jax.jit(jax.grad(loss)).lower(params))
+    loss = lambda p: jnp.sum(_apply(per_layer, p, "fuse", ids, mask, image_seq,
+                                    cls_only=cls_only, deterministic=False,
+                                    rngs={"dropout": jax.random.key(1)})[:, 0] ** 2)
+    return xla_flops(jax.jit(jax.grad(loss)).lower(per_layer_params))
   # Two layers, seven text positions: most of the second layer's work goes.
   ratio = flops(True) / flops(False)
   assert ratio < 0.75, ratio

@@ -3,7 +3,8 @@
 The fake official checkpoint is built from HF modules' state dicts renamed to the
 official names (timm `visual_encoder.blocks.i.attn.qkv.*`, med `text_encoder.bert.*`
 with `crossattention`, ...), so the converter is checked against real naming and the
-loaded model against the modules the weights came from.
+loaded model against the modules the weights came from. Every test runs with the layers
+unrolled and scanned (`model.scan_layers`: the converters read and write stacked layers).
 """
 
 import argparse
@@ -23,9 +24,9 @@ from simla_torch_refs import official_state_dict, ref_config, rel_err, torch_ima
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def official():
-  cfg = ref_config()
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def official(request):
+  cfg = ref_config(scan_layers=request.param)
   sd, mods = official_state_dict(cfg, seed=11)
   params, params_m, queues = convert.load_official_checkpoint(sd, cfg)
   return cfg, sd, mods, params, params_m, queues
@@ -209,6 +210,14 @@ def _finetune_cfg(cfg):
   return c
 
 
+def _per_layer_cfg(cfg):
+  """Loads that leave one layer partly filled exist only unrolled: `scan_layers` stacks
+  every layer and refuses unequal ones (test_fine_tuned_layout_into_the_scanned_model)."""
+  c = _finetune_cfg(cfg)
+  c.scan_layers = False
+  return c
+
+
 def test_retrieval_layout_loads_and_reproduces_outputs(official):
   cfg, sd, mods, *_ = official
   cfg = _finetune_cfg(cfg)
@@ -298,7 +307,7 @@ def test_task_layouts_load_their_encoders_and_keep_their_heads(official, layout)
 
 def test_missing_and_unknown_keys_are_listed_and_can_be_ignored(official):
   cfg, sd, *_ = official
-  cfg = _finetune_cfg(cfg)
+  cfg = _per_layer_cfg(cfg)
   state = _retrieval(sd)
   gone = "text_encoder.encoder.layer.1.output.dense.weight"
   bad = {**{k: v for k, v in state.items() if k != gone},
@@ -318,7 +327,7 @@ def test_missing_and_unknown_keys_are_listed_and_can_be_ignored(official):
 
 def test_albef_naming_folds_token_types(official):
   cfg, sd, *_ = official
-  cfg = _finetune_cfg(cfg)
+  cfg = _per_layer_cfg(cfg)
   state = _retrieval(sd)
   tt = np.random.default_rng(2).standard_normal((2, cfg.bert.hidden)).astype(np.float32)
   state["text_encoder.embeddings.token_type_embeddings.weight"] = tt

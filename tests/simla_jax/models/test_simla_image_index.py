@@ -11,9 +11,9 @@ from simla_jax.models import SIMLA
 from simla_torch_refs import ref_config, ref_model, xla_flops
 
 
-@pytest.fixture(scope="module")
-def setup():
-  cfg = ref_config()
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def setup(request):
+  cfg = ref_config(scan_layers=request.param)
   model, params = ref_model(cfg)
   rng = np.random.default_rng(0)
   ids = rng.integers(1, cfg.bert.vocab_size, (6, 7)).astype(np.int32)

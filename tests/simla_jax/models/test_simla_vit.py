@@ -1,4 +1,5 @@
-"""The SIMLA ViT against Hugging Face ViTModel (same block math as timm / DeiT)."""
+"""The SIMLA ViT against Hugging Face ViTModel (same block math as timm / DeiT), with the
+blocks unrolled and scanned (`model.scan_layers`)."""
 
 import flax.linen as nn
 import jax
@@ -14,9 +15,9 @@ from simla_torch_refs import hf_vit, ref_config, rel_err, torch_images, vit_to_t
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def vit_setup():
-  cfg = ref_config()
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def vit_setup(request):
+  cfg = ref_config(scan_layers=request.param)
   model = SIMLA(cfg)
   hf = hf_vit(cfg, seed=3)
   params = nn.meta.unbox(init_params(model, jax.random.key(0)))
