@@ -246,3 +246,21 @@ def test_simla_with_cudnn_attention_traces_init_and_gradient(cudnn_traceable, mo
   if not scan_layers:
     assert len(calls) == per_pass
   assert "dot_product_attention_bwd" in jaxpr
+
+
+def test_a_row_without_keys_attends_to_all_as_the_additive_bias_does():
+  """-10000 added to every logit of a row leaves its softmax as it was (all keys), up to the
+  rounding of logit - 10000 in float32; the key lengths give that row every key."""
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+             for shape in ((2, 4, HEADS, 8), (2, 6, HEADS, 8), (2, 6, HEADS, 8)))
+  bias = layers.mask_to_bias(jnp.asarray(_right_padded([3, 0], 6)))
+  probs = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + bias, axis=-1)
+  ref = np.asarray(jnp.einsum("bhqk,bkhd->bqhd", probs, v))
+  args16, queries = layers.cudnn_attention_args(*(a.astype(jnp.bfloat16) for a in (q, k, v)),
+                                                bias)
+  np.testing.assert_array_equal(args16["key_value_seq_lengths"], [3, 6])
+  out = jax.nn.dot_product_attention(**_float32_layout(q, k, v, bias, args16),
+                                     implementation="xla")[:, :queries]
+  assert _max_rel_err(out[:1], ref[:1]) <= 1e-6      # a row with keys: exact
+  assert _max_rel_err(out[1:], ref[1:]) <= 1e-3      # the row without: the rounding only
