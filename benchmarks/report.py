@@ -28,21 +28,21 @@ def _gb(x):
 def simla_row(r):
   cpu = r.get("cpu_s")
   return [r["date"][:16].replace("T", " "), r.get("device", ""), r["size"], r["batch"],
-          r["dtype"], r["remat"], r.get("attention", ""),
+          r["dtype"], r["remat"], {True: "on", False: "off"}.get(r.get("scan_layers"), "-"),
+          r.get("attention", ""),
           " ".join(r.get("overrides") or []) + (" (compile only)" if r.get("memory_only") else ""),
           r.get("label", ""),
           _f(r.get("step_s"), ".3f"), _f(cpu, ".2f"), _f(r.get("examples_per_s"), ".2f"),
-          _f(r.get("compile_s"), ".0f"),
+          _f(r.get("lower_s"), ".0f"), _f(r.get("compile_s"), ".0f"),
           _f(r.get("model_flops") and r["model_flops"] / 1e9, ".1f"),
           _f(r.get("mfu") and 100 * r["mfu"], ".1f"), _gb(r.get("xla_peak_bytes")),
           _gb(r.get("traced_total_bytes")), _gb(r.get("peak_memory_bytes")),
           r.get("load_before", r.get("load", ""))]
 
 
-SIMLA = ["date", "device", "size", "batch", "dtype", "remat", "attention", "overrides", "label",
-         "step s",
-         "CPU s", "ex/s", "compile s", "model GFLOP", "MFU %", "XLA peak GB", "traced GB",
-         "peak mem GB", "load (1/5/15 min)"]
+SIMLA = ["date", "device", "size", "batch", "dtype", "remat", "scan", "attention", "overrides",
+         "label", "step s", "CPU s", "ex/s", "lower s", "lower + compile s", "model GFLOP",
+         "MFU %", "XLA peak GB", "traced GB", "peak mem GB", "load (1/5/15 min)"]
 
 
 def mvcom_row(r):

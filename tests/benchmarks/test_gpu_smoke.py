@@ -79,8 +79,7 @@ def test_gpu_commands_within_eight_minutes(tmp_path):
               if line.startswith("== ") and " (limit " in line}
   assert list(commands)[:5] == ["smoke", "matmul", "simla compile", "simla run", "official_bf16"]
   for name in ("smoke", "simla compile", "simla run"):
-    assert ("--dtype bfloat16 --attention cudnn --override model.scan_layers=True"
-            in commands[name]), name
+    assert "--dtype bfloat16 --attention cudnn --scan" in commands[name], name
   assert "--size base --batch 64" in commands["simla run"]
   assert "--memory_only" in commands["simla compile"]
   assert "--mode time_base --device cuda --batch 64 --amp bf16" in commands["official_bf16"]
@@ -97,6 +96,6 @@ def test_smoke_step_row(tmp_path):
   assert items == {"smoke": "ok"}
   (simla,) = [r for r in rows if r.get("bench") == "simla"]
   assert simla["label"] == "gpu.sh smoke" and simla["size"] == "tiny"
-  assert simla["overrides"] == ["model.scan_layers=True"]
+  assert simla["scan_layers"] is True
   for key in ("compile_s", "step_s", "examples_per_s", "mfu", "peak_memory_bytes"):
     assert simla[key] > 0, key
