@@ -1,7 +1,7 @@
 """MvCoM step cost: the plain CosFace step against the bilevel (meta) step, same backbone and batch.
 
   python benchmarks/bench_mvcom.py --size default [--batch 128] [--steps 10]
-      [--dtype bfloat16] [--remat] [--scan off,on] [--compile_only] [--meta_every 10]
+      [--dtype bfloat16] [--remat] [--scan on|off|off,on] [--compile_only] [--meta_every 10]
       [--out benchmarks/results.jsonl]
 
 Sizes: default (configs/mvcom.py: synthetic 24 px faces, IResNet (1,1,1,1) x (16..128),
@@ -19,7 +19,7 @@ Rows, each jitted as the loop jits it (state donated) on one synthetic batch:
                  is checked against `mvcom` (max |difference| of the new parameters, margin
                  parameters and BatchNorm statistics after one step).
 Every row is measured with each `--scan` setting (model.scan_layers off / on: each IResNet
-stage's repeated blocks unrolled or one nn.scan). "lower s" is tracing + lowering to
+stage's repeated blocks unrolled or one nn.scan; default on, `--scan off,on` compares). "lower s" is tracing + lowering to
 StableHLO, "compile s" XLA's compilation of that (no persistent cache unless --cache):
 together the wait before the first step. --compile_only stops there (no step timing).
 Each is compared with the plain step (ratio); with --meta_every k the amortised ratio of
@@ -142,8 +142,9 @@ def parse_args(argv=None):
   p.add_argument("--meta_every", type=int, default=10,
                  help="for the amortised ratio only (configs/mvcom.py:paper uses 10)")
   p.add_argument("--rows", default="plain,mvcom,mvcom shared")
-  p.add_argument("--scan", default="off,on",
-                 help="model.scan_layers settings to measure, comma-separated (off, on)")
+  p.add_argument("--scan", default="on",
+                 help="model.scan_layers settings to measure, comma-separated: off, on, "
+                      "or off,on to compare them")
   p.add_argument("--compile_only", action="store_true",
                  help="lower and compile each row, no step timing and no equality check")
   p.add_argument("--no_check", action="store_true", help="skip the prototype's equality check")

@@ -139,14 +139,14 @@ class ScannedBlock(IBasicBlock):
 def scanned_blocks(count: int, remat: bool, name: str, **block_kwargs) -> nn.Module:
   """`count` identical stride-1 IBasicBlocks as one scan: (b, h, w, c) -> ((b, h, w, c), None).
 
-  Every variable collection gets a leading `count` axis; the stacked axis carries no
-  logical name (None: each device holds every block, as without the scan).
+  Every variable collection gets a leading `count` axis, logical name `layers` (the axis
+  rules replicate it: each device holds every block, as without the scan).
   """
   body = (nn.remat(ScannedBlock, static_argnums=(2,), prevent_cse=False) if remat
           else ScannedBlock)
   stack = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
                   split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
-                  length=count, metadata_params={nn.PARTITION_NAME: None})
+                  length=count, metadata_params={nn.PARTITION_NAME: "layers"})
   return stack(strides=1, name=name, **block_kwargs)
 
 

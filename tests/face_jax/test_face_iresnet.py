@@ -241,6 +241,11 @@ def test_logical_axes_and_errors():
   assert "scale" not in v["params"]["features"]
   assert set(v["batch_stats"]["features"]) == {"mean", "var"}
   assert jnp.allclose(v["params"]["layer1_0"]["prelu"]["alpha"].value, 0.25)
+  scanned = jax.jit(iresnet.IResNet(layers=(3,), widths=(4,), embed_dim=6, scan_layers=True).init)(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  assert scanned["params"]["layer1_blocks"]["conv1"]["kernel"].names == (
+      "layers", None, None, "conv_in", "conv_out")
+  assert scanned["params"]["layer1_blocks"]["conv1"]["kernel"].value.shape == (2, 3, 3, 4, 4)
   with pytest.raises(ValueError, match="same length"):
     iresnet.IResNet(layers=(1, 1), widths=(4,)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   with pytest.raises(ValueError, match="unknown IResNet"):
