@@ -42,9 +42,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.optimizer.schedule.end_lr = 0.0
 
   # Backbone: IResNet; `arch` picks an insightface depth (r18..r200), else `layers`.
+  # scan_layers: each stage's blocks after the first as one nn.scan (compile time flat in
+  # depth); the default's stages have one block each, so it only matters for deeper nets.
   c.model = ml_collections.ConfigDict(dict(
       arch="", layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), embed_dim=64,
-      dropout=0.0, dtype="float32", remat=False))
+      dropout=0.0, dtype="float32", remat=False, scan_layers=True))
 
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic",          # synthetic | real
@@ -146,7 +148,7 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.optimizer.weight_decay = 5e-4
     c.optimizer.schedule.update(name="polynomial", warmup_steps=0, power=1.0, end_lr=0.0)
     c.optimizer.grad_clip_norm = 5.0               # arcface_torch clips the backbone at 5
-    c.model.update(arch="r100", embed_dim=512, dtype="bfloat16", remat=True)
+    c.model.update(arch="r100", embed_dim=512, dtype="bfloat16", remat=True, scan_layers=True)
     c.loss.update(s=64.0, m1=1.0, m2=0.0, m3=0.4, margin_slot="m3")
     c.data.update(name="real", image_size=112, rec_prefix="data/faces_emore/train",
                   meta_rec_prefix="data/faces_emore/meta",

@@ -12,6 +12,11 @@ The expected keys come from the Flax model itself (`jax.eval_shape` of its init)
 every variable is filled exactly once; a missing, unexpected or mis-shaped key raises
 `CheckpointError` naming the key and both shapes. Files are read with
 `torch.load(..., weights_only=True)`; torch is imported only for that.
+
+Both layouts of the Flax model are read and written: with `scan_layers` the torch keys
+`layerS.1 ... layerS.<n-1>` are stacked into `layerS_blocks` (axis 0) and split again by
+`iresnet_state_dict`, the way back to a torch state dict; `relayout` moves variables
+between a scanned and an unrolled model through it.
 """
 
 import os
@@ -33,6 +38,7 @@ Variables = dict[str, Any]            # {"params": ..., "batch_stats": ...}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 _FROZEN_SCALE = "features.weight"
 _WRAPPERS = ("state_dict_backbone", "state_dict", "model")
+_STACK_SUFFIX = "_blocks"    # IResNet(scan_layers=True): layerS_blocks = blocks 1.. of stage S
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("params", "alpha"): "weight", ("params", "bias"): "bias",
                ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
@@ -69,14 +75,29 @@ def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
   return out
 
 
-def _torch_key(flax_path: Sequence[str]) -> str:
-  """('params', 'layer2_0', 'downsample_1', 'scale') -> 'layer2.0.downsample.1.weight'."""
-  collection, *modules, leaf = flax_path
+def _torch_modules(modules: Sequence[str]) -> list[str]:
+  """('layer2_0', 'downsample_1') -> ['layer2', '0', 'downsample', '1']."""
   parts = []
   for m in modules:
     head, sep, tail = m.rpartition("_")
     parts += [head, tail] if sep and tail.isdigit() else [m]
-  return ".".join(parts + [_LEAF_NAMES[(collection, leaf)]])
+  return parts
+
+
+def _torch_keys(flax_path: Sequence[str], layers: Sequence[int]) -> list[str]:
+  """Flax path -> the torch key(s) it holds, in stacking order.
+
+  ('params', 'layer2_0', 'downsample_1', 'scale') -> ['layer2.0.downsample.1.weight'];
+  a scanned stack ('params', 'layer2_blocks', 'conv1', 'kernel') of stage 2 with 4 blocks
+  -> ['layer2.1.conv1.weight', 'layer2.2.conv1.weight', 'layer2.3.conv1.weight'].
+  """
+  collection, first, *modules, leaf = flax_path
+  rest = _torch_modules(modules) + [_LEAF_NAMES[(collection, leaf)]]
+  if first.endswith(_STACK_SUFFIX):
+    stage = first[:-len(_STACK_SUFFIX)]                 # 'layer2'
+    blocks = layers[int(stage[len("layer"):]) - 1]
+    return [".".join([stage, str(i), *rest]) for i in range(1, blocks)]
+  return [".".join(_torch_modules([first]) + rest)]
 
 
 def _feature_map(model: IResNet, image_size: Sequence[int]) -> tuple[int, int]:
@@ -87,10 +108,64 @@ def _feature_map(model: IResNet, image_size: Sequence[int]) -> tuple[int, int]:
   return h, w
 
 
+class _Layout:
+  """The Flax model's variables and how each maps onto torch keys and shapes."""
+
+  def __init__(self, model: IResNet, image_size: Sequence[int]):
+    images = jnp.zeros((1, *image_size, 3), jnp.float32)
+    abstract = nn.meta.unbox(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), images, train=False)))
+    self.template = {path: tuple(leaf.shape)
+                     for path, leaf in traverse_util.flatten_dict(abstract).items()}
+    self.channels = self.template[("params", "bn2", "scale")][0]
+    self.height, self.width = _feature_map(model, image_size)
+    self.layers = tuple(model.layers)
+
+  def keys(self, path) -> list[str]:
+    return _torch_keys(path, self.layers)
+
+  @staticmethod
+  def stacked(path) -> bool:
+    return path[1].endswith(_STACK_SUFFIX)
+
+  def torch_shape(self, path) -> tuple[int, ...]:
+    """One torch tensor's shape for this Flax leaf (one block's, if stacked)."""
+    shape = self.template[path][1:] if self.stacked(path) else self.template[path]
+    if path[-1] != "kernel":
+      return shape
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+
+  def to_flax(self, path, value: np.ndarray) -> np.ndarray:
+    if path[-1] != "kernel":
+      return value
+    if value.ndim == 4:                     # conv (O, I, kh, kw) -> (kh, kw, I, O)
+      return value.transpose(2, 3, 1, 0)
+    embed = value.shape[0]                  # head Linear (E, C*H*W) -> (H*W*C, E)
+    c, h, w = self.channels, self.height, self.width
+    return value.reshape(embed, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, embed)
+
+  def to_torch(self, path, value: np.ndarray) -> np.ndarray:
+    if path[-1] != "kernel":
+      return value
+    if value.ndim == 4:                     # conv (kh, kw, I, O) -> (O, I, kh, kw)
+      return value.transpose(3, 2, 0, 1)
+    embed = value.shape[-1]                 # head Linear (H*W*C, E) -> (E, C*H*W)
+    c, h, w = self.channels, self.height, self.width
+    return value.reshape(h, w, c, embed).transpose(3, 2, 0, 1).reshape(embed, c * h * w)
+
+
+def _describe(model: IResNet, image_size: Sequence[int]) -> str:
+  return (f"IResNet(layers={tuple(model.layers)}, widths={tuple(model.widths)}, "
+          f"embed_dim={model.embed_dim}, scan_layers={model.scan_layers}) at {tuple(image_size)}")
+
+
 def iresnet_variables(state_dict: Mapping[str, np.ndarray], model: IResNet,
                       image_size: Sequence[int] = (112, 112), source: str = "checkpoint"
                       ) -> Variables:
   """arcface_torch state dict -> {"params", "batch_stats"} for `model` (numpy float32).
+
+  With `model.scan_layers` the blocks after each stage's first are stacked on a leading
+  axis (`layerS_blocks`), otherwise one entry per block (`layerS_<i>`).
 
   Args:
     state_dict: {torch key: array}, e.g. from `read_state_dict`.
@@ -99,45 +174,29 @@ def iresnet_variables(state_dict: Mapping[str, np.ndarray], model: IResNet,
     image_size: input (H, W) the model is used at; fixes the head's input size.
     source: name used in error messages (the file).
   """
-  images = jnp.zeros((1, *image_size, 3), jnp.float32)
-  abstract = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), images, train=False)))
-  template = traverse_util.flatten_dict(abstract)
-  channels = template[("params", "bn2", "scale")].shape[0]
-  height, width = _feature_map(model, image_size)
-
-  def to_flax(key: str, path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] != "kernel":
-      return value
-    if value.ndim == 4:                     # conv (O, I, kh, kw) -> (kh, kw, I, O)
-      return value.transpose(2, 3, 1, 0)
-    embed = value.shape[0]                  # head Linear (E, C*H*W) -> (H*W*C, E)
-    if value.shape[1] != channels * height * width:
-      return value.T                        # wrong size: reported by the shape check
-    return (value.reshape(embed, channels, height, width).transpose(2, 3, 1, 0)
-            .reshape(height * width * channels, embed))
-
-  def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] != "kernel":
-      return shape
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-
+  layout = _Layout(model, image_size)
   problems, variables, used = [], {}, set()
-  for path, leaf in template.items():
-    key = _torch_key(path)
-    want = torch_shape(path, tuple(leaf.shape))
+  for path, shape in layout.template.items():
+    want = layout.torch_shape(path)
     flax_name = "/".join(path)
-    if key not in state_dict:
-      problems.append(f"missing key {key!r}: the model expects shape {want} "
-                      f"(Flax {flax_name} {tuple(leaf.shape)})")
-      continue
-    used.add(key)
-    value = np.asarray(state_dict[key])
-    if tuple(value.shape) != want:
-      problems.append(f"key {key!r} has shape {tuple(value.shape)} in the checkpoint, the model "
-                      f"expects {want} (Flax {flax_name} {tuple(leaf.shape)})")
-      continue
-    variables[path] = np.ascontiguousarray(to_flax(key, path, value), dtype=np.float32)
+    where = f"Flax {flax_name} {shape}"
+    blocks = []
+    for i, key in enumerate(layout.keys(path)):
+      if layout.stacked(path):
+        where = f"Flax {flax_name}[{i}] of {shape}"
+      if key not in state_dict:
+        problems.append(f"missing key {key!r}: the model expects shape {want} ({where})")
+        continue
+      used.add(key)
+      value = np.asarray(state_dict[key])
+      if tuple(value.shape) != want:
+        problems.append(f"key {key!r} has shape {tuple(value.shape)} in the checkpoint, the "
+                        f"model expects {want} ({where})")
+        continue
+      blocks.append(layout.to_flax(path, value))
+    if len(blocks) == len(layout.keys(path)):
+      value = np.stack(blocks) if layout.stacked(path) else blocks[0]
+      variables[path] = np.ascontiguousarray(value, dtype=np.float32)
 
   if _FROZEN_SCALE in state_dict:
     used.add(_FROZEN_SCALE)
@@ -153,10 +212,59 @@ def iresnet_variables(state_dict: Mapping[str, np.ndarray], model: IResNet,
   if problems:
     shown = "\n  ".join(problems[:30])
     more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
-    raise CheckpointError(f"{source} does not fit IResNet(layers={tuple(model.layers)}, "
-                          f"widths={tuple(model.widths)}, embed_dim={model.embed_dim}) at "
-                          f"{tuple(image_size)}:\n  {shown}{more}")
+    raise CheckpointError(f"{source} does not fit {_describe(model, image_size)}:\n  "
+                          f"{shown}{more}")
   return traverse_util.unflatten_dict(variables)
+
+
+def iresnet_state_dict(variables: Variables, model: IResNet,
+                       image_size: Sequence[int] = (112, 112)) -> dict[str, np.ndarray]:
+  """{"params", "batch_stats"} of `model` -> an arcface_torch state dict (numpy).
+
+  The inverse of `iresnet_variables`, for either layout: stacked blocks are split into
+  one key per block. The result loads into arcface_torch's IResNet with `strict=True`:
+  it also holds the frozen `features.weight` (ones) and BatchNorm `num_batches_tracked`
+  counters (0: Flax keeps none).
+  """
+  layout = _Layout(model, image_size)
+  flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
+  if set(flat) != set(layout.template):
+    missing = sorted("/".join(p) for p in set(layout.template) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(layout.template))
+    stacked = lambda names: any(_STACK_SUFFIX + "/" in n for n in names)
+    hint = ("; the variables are in the other scan_layers layout: convert them with "
+            "face_jax.convert.relayout" if stacked(missing) != stacked(extra) else "")
+    raise CheckpointError(f"variables do not fit {_describe(model, image_size)}: missing "
+                          f"{missing[:10]}, unexpected {extra[:10]}{hint}")
+  out = {}
+  for path, shape in layout.template.items():
+    value = np.asarray(flat[path], np.float32)
+    if value.shape != shape:
+      raise CheckpointError(f"Flax {'/'.join(path)} has shape {value.shape}, "
+                            f"{_describe(model, image_size)} expects {shape}")
+    values = list(value) if layout.stacked(path) else [value]
+    for key, v in zip(layout.keys(path), values):
+      out[key] = np.ascontiguousarray(layout.to_torch(path, v))
+      if key.endswith(".running_mean"):
+        out[key[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  out[_FROZEN_SCALE] = np.ones_like(out["features.bias"])
+  return out
+
+
+def relayout(variables: Variables, source: IResNet, target: IResNet,
+             image_size: Sequence[int] = (112, 112)) -> Variables:
+  """Variables of `source` -> the same weights for `target` (e.g. scan_layers off -> on)."""
+  return iresnet_variables(iresnet_state_dict(variables, source, image_size), target,
+                           image_size, source=f"variables of {_describe(source, image_size)}")
+
+
+def save_iresnet_checkpoint(path: PathLike, variables: Variables, model: IResNet,
+                            image_size: Sequence[int] = (112, 112)) -> None:
+  """Writes `variables` as an arcface_torch `model.pt` (a state dict of torch tensors)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  state = {k: torch.from_numpy(np.array(v)) for k, v in
+           iresnet_state_dict(variables, model, image_size).items()}
+  torch.save(state, os.fspath(path))
 
 
 def load_iresnet_checkpoint(path: PathLike, model: IResNet,

@@ -52,7 +52,7 @@ SLOTS = ("m1", "m2", "m3")
 def build_model(config, num_classes: int) -> FaceModel:
   m = config.model
   kwargs = dict(widths=tuple(m.widths), embed_dim=m.embed_dim, dropout=m.dropout,
-                dtype=jnp.dtype(m.dtype), remat=m.remat)
+                dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.scan_layers)
   backbone = (iresnet.iresnet(m.arch, **kwargs) if m.arch
               else iresnet.IResNet(layers=tuple(m.layers), **kwargs))
   heads = (sum(n for _, n in config.mvcom.factors)

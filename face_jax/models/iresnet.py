@@ -17,6 +17,13 @@ conv N(0, 0.1), BN scale 1 / bias 0, PReLU 0.25, Linear U(-1/sqrt(fan_in), 1/sqr
 A width/depth-reduced variant for CPU runs is the same module with other `layers`, `widths`,
 `embed_dim` and input size (the head's Linear infers its input size from the feature map).
 
+`scan_layers`: a stage's blocks after its first (all of one shape: stride 1, no shortcut
+conv) run as one `nn.scan` over a stacked copy of their variables, so XLA compiles one
+block per stage instead of one per block (r100: 4 instead of 49 bodies per pass, and the
+MvCoM step has several passes). Their variables then live under `layerS_blocks` with a
+leading (blocks - 1) axis; the first block stays `layerS_0`. With `remat` the scanned
+body is rematerialised, so the backward pass keeps one input per block.
+
 Parameter naming (for converting an arcface_torch `.pth`; `<i>` is the block index in a stage):
 
   torch key                          Flax path (collection 'params' unless noted)
@@ -30,6 +37,7 @@ Parameter naming (for converting an arcface_torch `.pth`; `<i>` is the block ind
   layerS.<i>.conv2.weight            layerS_<i>/conv2/kernel
   layerS.0.downsample.0.weight       layerS_0/downsample_0/kernel      (1x1 conv)
   layerS.0.downsample.1.*            layerS_0/downsample_1/*           (BN)
+  layerS.<i>.* for i >= 1, scan_layers   layerS_blocks/*[i - 1]          (stacked on axis 0)
   bn2.*                              bn2/*
   fc.weight (E, C*H*W)               fc/kernel (H*W*C, E): torch flattens NCHW as (C,H,W), Flax
                                      NHWC as (H,W,C), so kernel = w.reshape(E,C,H,W)
@@ -121,6 +129,27 @@ class IBasicBlock(nn.Module):
     return y + x
 
 
+class ScannedBlock(IBasicBlock):
+  """IBasicBlock in `nn.scan`'s (carry, x) -> (carry, y) form; the activations are the carry."""
+
+  def __call__(self, x, train: bool):  # pylint: disable=arguments-differ
+    return super().__call__(x, train), None
+
+
+def scanned_blocks(count: int, remat: bool, name: str, **block_kwargs) -> nn.Module:
+  """`count` identical stride-1 IBasicBlocks as one scan: (b, h, w, c) -> ((b, h, w, c), None).
+
+  Every variable collection gets a leading `count` axis, logical name `layers` (the axis
+  rules replicate it: each device holds every block, as without the scan).
+  """
+  body = (nn.remat(ScannedBlock, static_argnums=(2,), prevent_cse=False) if remat
+          else ScannedBlock)
+  stack = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
+                  split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
+                  length=count, metadata_params={nn.PARTITION_NAME: "layers"})
+  return stack(strides=1, name=name, **block_kwargs)
+
+
 class IResNet(nn.Module):
   """IResNet: (b, h, w, c) images -> (b, embed_dim) float32 embeddings.
 
@@ -131,6 +160,7 @@ class IResNet(nn.Module):
     dropout: dropout rate before the embedding Linear (arcface_torch default 0).
     dtype: compute dtype of the convolutional trunk; the head runs in float32.
     remat: recompute each block in the backward pass (arcface_torch `using_checkpoint`).
+    scan_layers: run each stage's blocks after the first as one `nn.scan` (see above).
   """
   layers: Sequence[int]
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -138,6 +168,7 @@ class IResNet(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -150,9 +181,13 @@ class IResNet(nn.Module):
     x = PReLU(name="prelu")(x)
     block_cls = nn.remat(IBasicBlock, static_argnums=(2,)) if self.remat else IBasicBlock
     for stage, (blocks, width) in enumerate(zip(self.layers, self.widths)):
-      for i in range(blocks):
-        x = block_cls(width, strides=2 if i == 0 else 1, dtype=self.dtype,
-                      name=f"layer{stage + 1}_{i}")(x, train)
+      x = block_cls(width, strides=2, dtype=self.dtype, name=f"layer{stage + 1}_0")(x, train)
+      if self.scan_layers and blocks > 1:
+        x, _ = scanned_blocks(blocks - 1, self.remat, f"layer{stage + 1}_blocks", features=width,
+                              dtype=self.dtype)(x, train)
+        continue
+      for i in range(1, blocks):
+        x = block_cls(width, strides=1, dtype=self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
     x = _batch_norm(train, self.dtype, "bn2")(x)
     # Head in float32 (float64 if the trunk is), as arcface_torch runs the fc outside
     # fp16 autocast.

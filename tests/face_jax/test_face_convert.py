@@ -4,6 +4,7 @@
 backbones/iresnet.py): module names and shapes are what its state dicts contain.
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_r18_parity_at_112(tmp_path):
   assert err < 1e-5
 
 
-TINY = dict(layers=(1, 2), widths=(8, 16), embed_dim=8)
+TINY = dict(layers=(1, 3), widths=(8, 16), embed_dim=8)   # stage 2: a scan over 2 blocks
 
 
 def _tiny_state_dict(seed=0):
@@ -121,18 +122,58 @@ def _tiny_state_dict(seed=0):
   return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def test_tiny_parity_with_wrappers_and_odd_input(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_tiny_parity_with_wrappers_and_odd_input(tmp_path, scan_layers):
   # 10x10 input: stages give 5x5 then 3x3 (ceil), so the head reordering is not square-by-luck.
   torch_model = TorchIResNet(TINY["layers"], TINY["widths"], TINY["embed_dim"], feature_map=3)
-  got, want = _parity(torch_model, IResNet(**TINY), (10, 10), tmp_path, seed=1)
+  model = IResNet(**TINY, scan_layers=scan_layers)
+  got, want = _parity(torch_model, model, (10, 10), tmp_path, seed=1)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   # DDP prefixes and the training-checkpoint wrapper are unwrapped.
   wrapped = {"state_dict_backbone": {f"module.{k}": v for k, v in
                                      torch_model.state_dict().items()}, "epoch": 3}
   torch.save(wrapped, tmp_path / "checkpoint_gpu_0.pt")
-  variables = convert.load_iresnet_checkpoint(tmp_path / "checkpoint_gpu_0.pt", IResNet(**TINY),
-                                              (10, 10))
+  variables = convert.load_iresnet_checkpoint(tmp_path / "checkpoint_gpu_0.pt", model, (10, 10))
   assert variables["batch_stats"]["features"]["var"].shape == (8,)
+  if scan_layers:   # torch blocks layer2.1, layer2.2 are rows 0, 1 of the stack
+    np.testing.assert_array_equal(variables["params"]["layer2_blocks"]["conv2"]["kernel"][1],
+                                  torch_model.layer2[2].conv2.weight.detach().numpy().transpose(2, 3, 1, 0))
+    assert "layer2_1" not in variables["params"]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_written_checkpoint_loads_strictly_into_torch_and_round_trips(tmp_path, scan_layers):
+  sd = _tiny_state_dict(seed=2)
+  model = IResNet(**TINY, scan_layers=scan_layers)
+  variables = convert.iresnet_variables(sd, model, (10, 10))
+  back = convert.iresnet_state_dict(variables, model, (10, 10))
+  assert set(back) == set(sd)
+  for key, value in sd.items():
+    if not key.endswith("num_batches_tracked"):   # Flax keeps no step counters: written as 0
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
+  convert.save_iresnet_checkpoint(tmp_path / "out.pt", variables, model, (10, 10))
+  torch_model = TorchIResNet(TINY["layers"], TINY["widths"], TINY["embed_dim"], feature_map=3)
+  torch_model.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True), strict=True)
+  torch_model.eval()
+  x = np.random.default_rng(3).uniform(-1, 1, (2, 10, 10, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  got = np.asarray(model.apply(variables, x, train=False))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_relayout_between_unrolled_and_scanned():
+  sd = _tiny_state_dict(seed=4)
+  unrolled, scanned = IResNet(**TINY), IResNet(**TINY, scan_layers=True)
+  a = convert.iresnet_variables(sd, unrolled, (10, 10))
+  b = convert.relayout(a, unrolled, scanned, (10, 10))
+  want = convert.iresnet_variables(sd, scanned, (10, 10))
+  assert jax.tree.structure(b) == jax.tree.structure(want) and "layer2_blocks" in b["params"]
+  for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(convert.CheckpointError, match=r"missing \['batch_stats/layer2_blocks/bn1/mean'.*"
+                     r"the other scan_layers layout: convert them with face_jax.convert.relayout"):
+    convert.iresnet_state_dict(a, scanned, (10, 10))
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named():
@@ -144,12 +185,20 @@ def test_missing_unexpected_and_misshaped_keys_are_named():
   with pytest.raises(convert.CheckpointError) as e:
     convert.iresnet_variables(sd, model, (10, 10), source="my.pth")
   message = str(e.value)
-  assert message.startswith("my.pth does not fit IResNet(layers=(1, 2), widths=(8, 16)")
+  assert message.startswith("my.pth does not fit IResNet(layers=(1, 3), widths=(8, 16)")
   assert ("missing key 'layer2.1.bn2.running_var': the model expects shape (16,) "
           "(Flax batch_stats/layer2_1/bn2/var (16,))") in message
   assert ("key 'layer2.1.conv2.weight' has shape (16, 16, 1, 3) in the checkpoint, the model "
           "expects (16, 16, 3, 3) (Flax params/layer2_1/conv2/kernel (3, 3, 16, 16))") in message
   assert "unexpected key 'head.extra' with shape (4,)" in message
+  # The scanned model names the row of its stack.
+  with pytest.raises(convert.CheckpointError) as e:
+    convert.iresnet_variables(sd, IResNet(**TINY, scan_layers=True), (10, 10), source="my.pth")
+  assert ("missing key 'layer2.1.bn2.running_var': the model expects shape (16,) "
+          "(Flax batch_stats/layer2_blocks/bn2/var[0] of (2, 16))") in str(e.value)
+  assert ("key 'layer2.1.conv2.weight' has shape (16, 16, 1, 3) in the checkpoint, the model "
+          "expects (16, 16, 3, 3) (Flax params/layer2_blocks/conv2/kernel[0] of (2, 3, 3, 16, 16))"
+          ) in str(e.value)
   # A checkpoint for another input size: the head's Linear does not fit.
   with pytest.raises(convert.CheckpointError, match=r"key 'fc.weight' has shape \(8, 144\) in "
                      r"the checkpoint, the model expects \(8, 256\)"):

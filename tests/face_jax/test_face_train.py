@@ -114,9 +114,12 @@ def test_virtual_step_writes_no_batch_stats():
   assert not all(np.allclose(a, c) for a, c in zip(jax.tree.leaves(after_mv), jax.tree.leaves(before)))
 
 
-def test_meta_gradient_of_the_face_step_matches_finite_differences():
+@pytest.mark.parametrize("backbone", ["one_block", "scan_remat"])
+def test_meta_gradient_of_the_face_step_matches_finite_differences(backbone):
   config = tiny_config("")
   config.model.dtype = "float64"
+  if backbone == "scan_remat":   # a stride-2 block, then a scanned, rematerialised stack of 2
+    config.model.update(layers=(3,), scan_layers=True, remat=True)
   config.mvcom.bound = 0.3
   with jax.enable_x64(True):
     task, steps, state = _steps(config)
@@ -146,7 +149,7 @@ def test_meta_gradient_of_the_face_step_matches_finite_differences():
     g, fd = np.array(g), np.array(fd)
     assert np.linalg.norm(fd) > 1e-5
     rel = np.linalg.norm(g - fd) / np.linalg.norm(fd)
-    print(f"face-step meta-gradient vs central differences: relative error {rel:.2e}")
+    print(f"face-step meta-gradient ({backbone}) vs central differences: relative error {rel:.2e}")
     assert rel < 1e-3, (rel, g.tolist(), fd.tolist())
 
 
