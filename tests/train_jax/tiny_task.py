@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_examples = 64
   c.nan_at_step = -1          # the step whose loss becomes NaN (-1: never)
   c.data_delay_s = 0.0        # host sleep per example, to make steps slow in kill tests
+  # From this many examples on the data source blocks forever (-1: never), after writing
+  # the file `data_hang_marker`; examples are then made on the main thread.
+  c.data_hang_at = -1
+  c.data_hang_marker = ""
   c.dropout = 0.1
   return c
 
@@ -50,6 +54,19 @@ class MLP(nn.Module):
                     bias_init=part(nn.initializers.zeros, ("embed",)))(x)
 
 
+_MADE = [0]
+
+
+def _train_example(config, i):
+  if 0 <= config.data_hang_at <= _MADE[0]:
+    with open(config.data_hang_marker, "w") as f:
+      f.write("hanging\n")
+    while True:  # like a source that skips bad examples forever
+      time.sleep(0.01)
+  _MADE[0] += 1
+  return _example(config, i)
+
+
 def _example(config, i):
   if config.data_delay_s:
     time.sleep(config.data_delay_s)
@@ -62,9 +79,10 @@ def _example(config, i):
 def make_data(config):
   ds = (grain.MapDataset.range(config.num_examples)
         .shuffle(seed=config.seed).repeat()
-        .map(lambda i: _example(config, i))
+        .map(lambda i: _train_example(config, i))
         .batch(config.batch_size // jax.process_count(), drop_remainder=True))
-  return iter(ds.to_iter_dataset())
+  hang = config.data_hang_at >= 0
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0) if hang else None))
 
 
 def make_task(config, mesh) -> Task:
