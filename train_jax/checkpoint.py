@@ -121,6 +121,10 @@ class Checkpointer:
       raise self._save_error(step, e) from e
 
   def _save_error(self, step: int, e: Exception) -> CheckpointError:
+    try:  # let earlier saves still in flight finish: they may be the last good ones
+      self._manager.wait_until_finished()
+    except Exception:  # noqa: BLE001  the same failure again
+      pass
     return CheckpointError(
         f"saving checkpoint step {step} to {self.directory} failed: {type(e).__name__}: {e}. "
         f"The last complete checkpoint is step {self._last_intact()}; fix the directory "
@@ -156,7 +160,7 @@ class Checkpointer:
     saved, now = meta["shapes"], shapes_of(target)
     differ = [f"{k} {saved.get(k, 'absent')} in the checkpoint vs {now.get(k, 'absent')} now"
               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    keys = config_diff(meta.get("config", {}), config or {})
+    keys = config_diff(meta.get("config", {}), config) if config is not None else []
     if differ:
       shown = "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
       raise ConfigMismatchError(
@@ -165,8 +169,8 @@ class Checkpointer:
           f"{'; '.join(keys) or '(none: the code changed)'}. Rerun with the old values, or "
           "use a new --workdir to start afresh.")
     if keys:
-      log.warning("resuming step %d with config changes that keep the state's shapes: %s",
-                  step, "; ".join(keys))
+      log.warning("resuming step %d with config changes that keep the state's shapes: %s%s",
+                  step, "; ".join(keys[:10]), f"; and {len(keys) - 10} more" if len(keys) > 10 else "")
 
   def _data_files(self, step: int) -> list[str]:
     path = os.path.join(self.directory, str(step), "data")

@@ -75,18 +75,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   # Before any compute: an unwritable directory is reported now, not at the first save.
-  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, config.keep_checkpoints,
-                                     fallback=bool(config.get("checkpoint_fallback", True)))
+  checkpoint_lib.check_writable(ckpt_dir)
   config_dict = json.loads(config.to_json_best_effort())
   mesh = sharding.make_mesh(config.mesh)
   task = make_task(config, mesh)
 
   state, state_shardings = sharding.sharded_init(
       task.init, mesh, config.axis_rules, jax.random.key(config.seed))
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, config.keep_checkpoints,
+                                     fallback=bool(config.get("checkpoint_fallback", True)))
+  try:
+    start, state = ckpt.restore_latest(
+        state, task.train_data, config=config_dict,
+        data_on_process_change=config.get("data_state_on_process_change", "error"))
+  except BaseException:
+    ckpt.close()
+    raise
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
-  start, state = ckpt.restore_latest(
-      state, task.train_data, config=config_dict,
-      data_on_process_change=config.get("data_state_on_process_change", "error"))
   if start:
     writer.truncate_after(start)
     if is_main:

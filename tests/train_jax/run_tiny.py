@@ -17,7 +17,11 @@ def main(workdir, *overrides):
   config = tiny_task.get_config()
   for item in overrides:
     key, value = item.split("=", 1)
-    config[key] = type(config[key])(value)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value)
   try:
     state = loop.train_and_evaluate(config, workdir, tiny_task.make_task)
   except loop.RunInterrupted as e:  # the loop printed what happened

@@ -38,16 +38,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_hang_at = -1
   c.data_hang_marker = ""
   c.dropout = 0.1
+  c.hidden = HIDDEN           # model width: a resume with another value must be refused
   return c
 
 
 class MLP(nn.Module):
   dropout: float
+  hidden: int = HIDDEN
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     part = nn.with_logical_partitioning
-    x = nn.Dense(HIDDEN, kernel_init=part(nn.initializers.lecun_normal(), ("embed", "mlp")),
+    x = nn.Dense(self.hidden, kernel_init=part(nn.initializers.lecun_normal(), ("embed", "mlp")),
                  bias_init=part(nn.initializers.zeros, ("mlp",)))(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(x))
     return nn.Dense(OUT, kernel_init=part(nn.initializers.lecun_normal(), ("mlp", "embed")),
@@ -87,7 +89,7 @@ def make_data(config):
 
 def make_task(config, mesh) -> Task:
   del mesh
-  model = MLP(config.dropout)
+  model = MLP(config.dropout, config.hidden)
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
 
   def init(rng):
