@@ -58,8 +58,15 @@ def family_module(name: str):
 
 
 def _multihost_env() -> bool:
-  return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                                       "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  """A launcher JAX's `initialize()` reads addresses and ranks from (see its cluster docs)."""
+  env = os.environ
+  if any(v in env for v in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                            "MEGASCALE_COORDINATOR_ADDRESS")):
+    return True
+  # srun with several tasks (a plain `python` inside sbatch has no step node list), mpirun.
+  if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
 def enable_compile_cache(path: str, min_compile_s: float) -> None:

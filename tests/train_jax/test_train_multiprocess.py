@@ -104,8 +104,11 @@ def test_two_processes_take_the_same_steps_as_one(runs):
     assert "train/meta_loss" in a[1]   # the bilevel step ran
   pa, pb = _params(one), _params(two)
   assert pa.keys() == pb.keys()
+  # AdamW divides a gradient by its own magnitude: where a gradient is ~0, reduction-order
+  # noise becomes a +-lr step (seen: 3e-5 with lr 1e-3 after 3 steps); other data would
+  # move parameters by whole steps everywhere and the losses above by far more than 1e-5.
   for k in pa:
-    np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(pb[k], pa[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
 def test_each_process_feeds_its_own_half_of_every_global_batch(runs):
