@@ -36,7 +36,12 @@ _COMPILE_CACHE_MIN_S = flags.DEFINE_float(
     "seconds: the train step (tens of seconds on a CPU) and the evaluation functions.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (auto-detected on Cloud TPU, "
-    "SLURM, or when JAX_COORDINATOR_ADDRESS is set).")
+    "SLURM, or when JAX_COORDINATOR_ADDRESS or --coordinator_address is set).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator, for a launch that "
+    "JAX does not detect (e.g. several processes on one machine: 127.0.0.1:PORT).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: 0..n-1.")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -53,8 +58,15 @@ def family_module(name: str):
 
 
 def _multihost_env() -> bool:
-  return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                                       "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  """A launcher JAX's `initialize()` reads addresses and ranks from (see its cluster docs)."""
+  env = os.environ
+  if any(v in env for v in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                            "MEGASCALE_COORDINATOR_ADDRESS")):
+    return True
+  # srun with several tasks (a plain `python` inside sbatch has no step node list), mpirun.
+  if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
 def enable_compile_cache(path: str, min_compile_s: float) -> None:
@@ -75,8 +87,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   import jax  # after flags: XLA_FLAGS from the environment take effect first
   enable_compile_cache(_COMPILE_CACHE.value, _COMPILE_CACHE_MIN_S.value)
-  if _MULTIHOST.value or _multihost_env():
-    jax.distributed.initialize()
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value or _multihost_env():
+    jax.distributed.initialize()  # addresses and ranks from the cluster's environment
   from train_jax import loop
 
   config = _CONFIG.value
@@ -88,7 +102,10 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  loop.train_and_evaluate(config, workdir, module.make_task)
+  try:
+    loop.train_and_evaluate(config, workdir, module.make_task)
+  except loop.RunInterrupted as e:  # the loop printed what it saved
+    raise SystemExit(e.exit_code) from None
 
 
 def _config_arg() -> str:

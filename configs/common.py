@@ -30,6 +30,15 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every_steps = 50
   c.checkpoint_every_steps = 50
   c.keep_checkpoints = 2
+  # A damaged newest checkpoint: True falls back to the newest intact one (the damaged one
+  # is moved to <step>.damaged), False stops naming it.
+  c.checkpoint_fallback = True
+  # Resuming on another number of processes: "error", or "restart" the data iterators
+  # (the model state is restored either way; each process's data position is its shard's).
+  c.data_state_on_process_change = "error"
+  # A SIGTERM / SIGINT the loop cannot act on within this many seconds (blocked in data,
+  # compilation or evaluation) ends the run at once, as does a second signal.
+  c.preemption_grace_s = 30.0
   c.progress_bar = True
   # Mesh sizes; -1 takes the devices left over. data*fsdp*model = #devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))

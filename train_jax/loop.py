@@ -3,12 +3,14 @@
 A family supplies a `Task` (init, train step, data, evaluators); this module does
 the rest: sharded init, resume, the jitted step, metrics, evaluation, checkpoints,
 preemption and the non-finite-loss guard.
+
+Several processes (hosts) run this same function; each feeds its own data shard and
+calls every checkpoint save (Orbax writes each process's shards), while metrics,
+TensorBoard, plots and printed summaries come from process 0 only.
 """
 
-import contextlib
-import logging
+import json
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -18,39 +20,18 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax.experimental import multihost_utils
+
 from train_jax import checkpoint as checkpoint_lib
 from train_jax import metrics as metrics_lib
 from train_jax import sharding
+from train_jax.preemption import RunInterrupted, StopRequests
 from train_jax.state import TrainState
 from train_jax.task import Task
 
 
 class NonFiniteLossError(RuntimeError):
   """A loss term became NaN or inf; the run stops before saving that state."""
-
-
-class _Preemption:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: no handlers, no preemption support
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.requested = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _check_finite(pending: list[tuple[int, Any]], loss_keys) -> list[tuple[int, dict]]:
@@ -75,24 +56,43 @@ def _compile_step(step_fn, state, batch) -> tuple[Any, dict[str, float]]:
   return compiled, {"compile/lower_s": t1 - t0, "compile/compile_s": time.perf_counter() - t1}
 
 
+def _any_process(flag: bool) -> bool:
+  """True when `flag` holds on some process: every process must stop at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_task: Callable[[ml_collections.ConfigDict, Any], Task]) -> TrainState:
-  """Trains `config.total_steps` steps of the family's task, resuming from `workdir`."""
+  """Trains `config.total_steps` steps of the family's task, resuming from `workdir`.
+
+  Raises `RunInterrupted` (after saving when the state is consistent) when a second
+  signal arrives, or when a first one is not acted on within `preemption_grace_s`.
+  """
   if int(config.total_steps) < 1:
     raise ValueError(f"total_steps must be at least 1, got {config.total_steps}")
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # Before any compute: an unwritable directory is reported now, not at the first save.
+  checkpoint_lib.check_writable(ckpt_dir)
+  config_dict = json.loads(config.to_json_best_effort())
   mesh = sharding.make_mesh(config.mesh)
   task = make_task(config, mesh)
 
   state, state_shardings = sharding.sharded_init(
       task.init, mesh, config.axis_rules, jax.random.key(config.seed))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                     config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, config.keep_checkpoints,
+                                     fallback=bool(config.get("checkpoint_fallback", True)))
+  try:
+    start, state = ckpt.restore_latest(
+        state, task.train_data, config=config_dict,
+        data_on_process_change=config.get("data_state_on_process_change", "error"))
+  except BaseException:
+    ckpt.close()
+    raise
   writer = metrics_lib.MetricWriter(workdir, is_main=is_main)
-  start = ckpt.latest_step() or 0
   if start:
-    state = ckpt.restore(start, state, task.train_data)
     writer.truncate_after(start)
     if is_main:
       print(f"Resumed from step {start} ({workdir}/checkpoints).", flush=True)
@@ -112,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save(step):
     nonlocal last_saved
-    ckpt.save(step, state, task.train_data)
+    ckpt.save(step, state, task.train_data, config_dict)
     last_saved = step
 
   def evaluate(step):
@@ -128,49 +128,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   dynamic_ncols=True, desc=config.family or "train")
   preempted = None
   step = start
+  # Where the main thread is, for a forced stop: "data" (state is the last step's, the
+  # iterator is reset to `data_before`), "step" (state may be donated: not saved),
+  # "idle" (between steps or evaluating: consistent).
+  phase, data_before = "idle", None
   try:
-    with _Preemption() as preemption, jax.set_mesh(mesh):
-      while step < total:
-        batch = sharding.global_batch(next(task.train_data), mesh, task.batch_spec)
-        if step == start:   # the executable every step runs; its compile time in metrics
-          step_fn, timings = _compile_step(step_fn, state, batch)
-          writer.write(step, timings)
-          if is_main:
-            tqdm.tqdm.write(f"Compiled the train step in {timings['compile/compile_s']:.1f} s "
-                            f"(lowering {timings['compile/lower_s']:.1f} s; compilation cache: "
-                            f"{jax.config.jax_compilation_cache_dir or 'off'}).")
-        state, step_metrics = step_fn(state, batch)
-        step += 1
-        pending.append((step, step_metrics))
-        bar.update(1)
+    with StopRequests(config.get("preemption_grace_s", 30.0)) as stop, jax.set_mesh(mesh):
+      try:
+        while step < total:
+          phase, data_before = "data", task.train_data.get_state()
+          local = next(task.train_data)
+          phase = "step"
+          batch = sharding.global_batch(local, mesh, task.batch_spec)
+          if step == start:   # the executable every step runs; its compile time in metrics
+            step_fn, timings = _compile_step(step_fn, state, batch)
+            writer.write(step, timings)
+            if is_main:
+              tqdm.tqdm.write(f"Compiled the train step in {timings['compile/compile_s']:.1f} s "
+                              f"(lowering {timings['compile/lower_s']:.1f} s; compilation cache: "
+                              f"{jax.config.jax_compilation_cache_dir or 'off'}).")
+          state, step_metrics = step_fn(state, batch)
+          phase = "idle"
+          step += 1
+          pending.append((step, step_metrics))
+          bar.update(1)
 
-        at_log = step % config.log_every_steps == 0 or step == total
-        at_ckpt = step % config.checkpoint_every_steps == 0 or step == total
-        if at_log or at_ckpt or preemption.requested:
-          fetched = log_and_check()
-          if at_log:
-            scalars = {f"train/{k}": v for k, v in fetched[-1][1].items()}
-            if task.host_metrics is not None:
-              scalars.update({f"train/{k}": v for k, v in task.host_metrics().items()})
-            writer.write(step, scalars)
-            if task.loss_keys and task.loss_keys[0] in fetched[-1][1]:
-              bar.set_postfix(loss=f"{float(fetched[-1][1][task.loss_keys[0]]):.4f}")
-        if config.eval_every_steps and step % config.eval_every_steps == 0:
-          evaluate(step)
-        if at_ckpt:
+          at_log = step % config.log_every_steps == 0 or step == total
+          at_ckpt = step % config.checkpoint_every_steps == 0 or step == total
+          # Several processes agree at host-sync points only, so steps stay asynchronous.
+          check_stop = jax.process_count() == 1 or at_log or at_ckpt
+          stop_now = check_stop and _any_process(stop.requested is not None)
+          if at_log or at_ckpt or stop_now:
+            fetched = log_and_check()
+            if at_log:
+              scalars = {f"train/{k}": v for k, v in fetched[-1][1].items()}
+              if task.host_metrics is not None:
+                scalars.update({f"train/{k}": v for k, v in task.host_metrics().items()})
+              writer.write(step, scalars)
+              if task.loss_keys and task.loss_keys[0] in fetched[-1][1]:
+                bar.set_postfix(loss=f"{float(fetched[-1][1][task.loss_keys[0]]):.4f}")
+          if config.eval_every_steps and step % config.eval_every_steps == 0:
+            evaluate(step)
+          if at_ckpt:
+            save(step)
+          if stop_now:
+            stop.acknowledge()
+            preempted = stop.requested or "a stop request on another process"
+            break
+        if pending:
+          log_and_check()
+        if preempted and last_saved != step:
           save(step)
-        if preemption.requested:
-          preempted = preemption.requested
-          break
-      if pending:
-        log_and_check()
-      if preempted and last_saved != step:
-        save(step)
-      if not preempted and step > start:
-        if last_eval != step:
-          evaluate(step)
-        if last_saved != step:
-          save(step)
+        if not preempted and step > start:
+          if last_eval != step:
+            evaluate(step)
+          if last_saved != step:
+            save(step)
+      except RunInterrupted as e:
+        raise _stop_now(e, phase, step, last_saved, data_before, task, save, ckpt_dir) from None
   finally:
     bar.close()
     ckpt.close()   # waits for async saves: a NaN stop leaves the last good one complete
@@ -187,3 +202,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f"Done at step {step}. Metrics: {writer.path}  TensorBoard: {workdir}/tensorboard  "
           f"Checkpoints: {workdir}/checkpoints", flush=True)
   return state
+
+
+def _stop_now(e: RunInterrupted, phase: str, step: int, last_saved: int, data_before,
+              task: Task, save: Callable[[int], None], ckpt_dir: str) -> RunInterrupted:
+  """Saves after a forced stop when that is safe; returns the error to raise."""
+  where = {"data": "waiting for data", "step": "in a step (compiling or dispatching)",
+           "idle": "between steps or evaluating"}[phase]
+  saved = f"the last checkpoint is step {last_saved}" if last_saved else "no checkpoint exists"
+  if phase == "step":
+    note = f"no consistent state to save; {saved}"
+  elif jax.process_count() > 1:
+    note = f"not saving (the other processes may not be stopping); {saved}"
+  elif step == last_saved:
+    note = f"step {step} is already saved"
+  else:
+    try:
+      if phase == "data":
+        task.train_data.set_state(data_before)  # the position before the unfinished batch
+      save(step)
+      note = f"saved step {step}"
+    except Exception as err:  # noqa: BLE001  stopping is what matters now
+      note = f"could not save ({type(err).__name__}: {err}); {saved}"
+  msg = f"Stopped: {e} while {where}; {note} in {ckpt_dir}. Rerun the same command to resume."
+  print(msg, flush=True)
+  return RunInterrupted(msg, e.exit_code - 128)

@@ -69,6 +69,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       eval_files=(),
       image_root="",              # joined before each record's "image" path
       skip_bad=False,             # True: skip undecodable / missing images and count them
+      max_bad_fraction=0.01,      # skip_bad: stop when bad > this * max(read, per epoch)
   ))
 
   c.tokenizer = ml_collections.ConfigDict(dict(

@@ -17,7 +17,8 @@ grain starts worker processes (spawn): the entry point needs the
 `if __name__ == "__main__"` guard and parsed absl flags (absl.app.run does both), and
 the batch order differs from worker_count = 0 (each worker batches its own slice) while
 staying deterministic and resumable. Bad caption-JSON images with
-`captions.skip_bad=True` are skipped with a logged warning carrying the running count.
+`captions.skip_bad=True` are skipped with a logged warning carrying the running count,
+up to `captions.max_bad_fraction` of the examples read (`TooManyBadExamplesError`).
 
 Eval (retrieval on a held-out split): every image once (eval transform) and every
 caption, with index maps.
@@ -29,6 +30,7 @@ caption, with index maps.
 """
 
 import logging
+import threading
 from typing import Any, Iterator, Optional
 
 import grain
@@ -90,23 +92,68 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   return Tokenizer.from_words(shapes.vocabulary(data_cfg), **kwargs)
 
 
-class _SkipBadSource:
-  """Wraps a source: missing / undecodable images become None and are counted."""
+class TooManyBadExamplesError(RuntimeError):
+  """More bad examples than `captions.max_bad_fraction` allows, or an epoch with none good."""
 
-  def __init__(self, source):
+
+class _SkipBadSource:
+  """Wraps a source: missing / undecodable images become None and are counted.
+
+  Stops with `TooManyBadExamplesError` when the bad examples exceed `max_bad_fraction`
+  of max(examples read, examples per epoch), or when `examples_per_epoch` reads in a
+  row were all bad (a whole epoch yields nothing: a wrong image root, say), so a bad
+  dataset fails instead of skipping forever. Counts are per process (per worker with
+  `loader.worker_count > 0`).
+  """
+
+  def __init__(self, source, max_bad_fraction: float):
     self.source = source
+    self.max_bad_fraction = float(max_bad_fraction)
+    self.examples_per_epoch = len(source)  # this process's shard: set after sharding
     self.num_bad = 0
+    self.num_read = 0
+    self._bad_in_a_row = 0
+    self._lock = threading.Lock()  # grain reads from several threads
+
+  def __getstate__(self):  # pickled into grain worker processes: a lock does not travel
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
     try:
-      return self.source[index]
+      example = self.source[index]
     except captions.BadImageError as e:
-      self.num_bad += 1
-      logging.warning("skipping bad example %d (%d so far): %s", index, self.num_bad, e)
+      with self._lock:
+        self.num_bad += 1
+        self.num_read += 1
+        self._bad_in_a_row += 1
+        bad, read, in_a_row = self.num_bad, self.num_read, self._bad_in_a_row
+      logging.warning("skipping bad example %d (%d so far): %s", index, bad, e)
+      self._check(bad, read, in_a_row, e)
       return None
+    with self._lock:
+      self.num_read += 1
+      self._bad_in_a_row = 0
+    return example
+
+  def _check(self, bad: int, read: int, in_a_row: int, last: Exception) -> None:
+    if in_a_row >= self.examples_per_epoch:
+      raise TooManyBadExamplesError(
+          f"data.captions: a whole epoch ({self.examples_per_epoch} examples in this "
+          f"process's shard) yielded no usable example ({bad} bad of {read} read); "
+          f"check data.captions.image_root. Last: {last}")
+    if bad > self.max_bad_fraction * max(read, self.examples_per_epoch):
+      raise TooManyBadExamplesError(
+          f"data.captions: {bad} bad examples of {read} read exceed "
+          f"max_bad_fraction={self.max_bad_fraction:g} of max(read, "
+          f"{self.examples_per_epoch} per epoch); raise data.captions.max_bad_fraction "
+          f"to accept more. Last: {last}")
 
 
 class ExampleTransform(grain.transforms.MapWithIndex):
@@ -170,14 +217,17 @@ def make_train_dataset(data_cfg: Any, *, batch_size: int, split: str = "train",
   loader = data_cfg.loader
   seed = int(data_cfg.seed if seed is None else seed)
   source = make_source(data_cfg, split)
+  skipping = None
   if data_cfg.name == "captions" and data_cfg.captions.skip_bad:
-    source = _SkipBadSource(source)
+    source = skipping = _SkipBadSource(source, data_cfg.captions.max_bad_fraction)
   ds = grain.MapDataset.source(source)
   if loader.shard_by_process:
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     ds = ds[pi::pc]
   epoch_length = len(ds)
+  if skipping is not None:
+    skipping.examples_per_epoch = epoch_length
   if epoch_length < batch_size and loader.drop_remainder:
     raise ValueError(f"data: split {split!r} has {epoch_length} examples in this shard, "
                      f"fewer than one batch of {batch_size}")

@@ -17,8 +17,15 @@ def main(workdir, *overrides):
   config = tiny_task.get_config()
   for item in overrides:
     key, value = item.split("=", 1)
-    config[key] = type(config[key])(value)
-  state = loop.train_and_evaluate(config, workdir, tiny_task.make_task)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value)
+  try:
+    state = loop.train_and_evaluate(config, workdir, tiny_task.make_task)
+  except loop.RunInterrupted as e:  # the loop printed what happened
+    sys.exit(e.exit_code)
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
   np.savez(os.path.join(workdir, "params.npz"), **flat)

@@ -127,3 +127,43 @@ def test_zero_steps_is_refused_before_anything_is_written(tmp_path):
   with pytest.raises(ValueError, match="total_steps must be at least 1, got 0"):
     loop.train_and_evaluate(config, str(tmp_path / "run"), tiny_task.make_task)
   assert not (tmp_path / "run").exists()
+
+
+def _wait_for(path, proc, timeout=240):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+    time.sleep(0.05)
+
+
+def test_sigterm_while_blocked_in_data_ends_the_run_after_the_grace_period(tmp_path):
+  # Steps 1-5 run, then the data iterator blocks on the main thread: the loop never
+  # reaches the step boundary where it looks at the SIGTERM flag.
+  marker = tmp_path / "hanging"
+  proc = _run(tmp_path / "run", "total_steps=100", "log_every_steps=1", "eval_every_steps=0",
+              "checkpoint_every_steps=4", "data_hang_at=40", f"data_hang_marker={marker}",
+              "preemption_grace_s=2")
+  _wait_for(marker, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  assert ("Stopped: SIGTERM received, but the loop did not reach a step boundary within "
+          "preemption_grace_s=2 s") in out
+  assert "while waiting for data; saved step 5" in out
+  assert _checkpoint_steps(tmp_path / "run") == [4, 5]
+
+
+def test_second_sigint_while_blocked_ends_the_run_at_once(tmp_path):
+  marker = tmp_path / "hanging"
+  proc = _run(tmp_path / "run", "total_steps=100", "eval_every_steps=0",
+              "checkpoint_every_steps=100", "data_hang_at=24", f"data_hang_marker={marker}",
+              "preemption_grace_s=100000")
+  _wait_for(marker, proc)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)
+  assert proc.poll() is None   # the first one only asks for a stop at the next boundary
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGINT, out
+  assert "Stopped: second signal (SIGINT after SIGINT) while waiting for data; saved step 3" in out
+  assert _checkpoint_steps(tmp_path / "run") == [3]

@@ -33,21 +33,40 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_examples = 64
   c.nan_at_step = -1          # the step whose loss becomes NaN (-1: never)
   c.data_delay_s = 0.0        # host sleep per example, to make steps slow in kill tests
+  # From this many examples on the data source blocks forever (-1: never), after writing
+  # the file `data_hang_marker`; examples are then made on the main thread.
+  c.data_hang_at = -1
+  c.data_hang_marker = ""
   c.dropout = 0.1
+  c.hidden = HIDDEN           # model width: a resume with another value must be refused
   return c
 
 
 class MLP(nn.Module):
   dropout: float
+  hidden: int = HIDDEN
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     part = nn.with_logical_partitioning
-    x = nn.Dense(HIDDEN, kernel_init=part(nn.initializers.lecun_normal(), ("embed", "mlp")),
+    x = nn.Dense(self.hidden, kernel_init=part(nn.initializers.lecun_normal(), ("embed", "mlp")),
                  bias_init=part(nn.initializers.zeros, ("mlp",)))(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(x))
     return nn.Dense(OUT, kernel_init=part(nn.initializers.lecun_normal(), ("mlp", "embed")),
                     bias_init=part(nn.initializers.zeros, ("embed",)))(x)
+
+
+_MADE = [0]
+
+
+def _train_example(config, i):
+  if 0 <= config.data_hang_at <= _MADE[0]:
+    with open(config.data_hang_marker, "w") as f:
+      f.write("hanging\n")
+    while True:  # like a source that skips bad examples forever
+      time.sleep(0.01)
+  _MADE[0] += 1
+  return _example(config, i)
 
 
 def _example(config, i):
@@ -62,14 +81,15 @@ def _example(config, i):
 def make_data(config):
   ds = (grain.MapDataset.range(config.num_examples)
         .shuffle(seed=config.seed).repeat()
-        .map(lambda i: _example(config, i))
+        .map(lambda i: _train_example(config, i))
         .batch(config.batch_size // jax.process_count(), drop_remainder=True))
-  return iter(ds.to_iter_dataset())
+  hang = config.data_hang_at >= 0
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0) if hang else None))
 
 
 def make_task(config, mesh) -> Task:
   del mesh
-  model = MLP(config.dropout)
+  model = MLP(config.dropout, config.hidden)
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
 
   def init(rng):

@@ -67,7 +67,7 @@ def test_missing_and_corrupt_images_name_the_file(tmp_path):
     src[2]
 
 
-def _captions_cfg(tmp_path, records, skip_bad):
+def _captions_cfg(tmp_path, records, skip_bad, max_bad_fraction=0.5):
   vocab = tmp_path / "vocab.txt"
   vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat"]))
   ann = tmp_path / "train.json"
@@ -75,7 +75,8 @@ def _captions_cfg(tmp_path, records, skip_bad):
   cfg = default_data_config()
   cfg.name = "captions"
   cfg.captions.update(train_files=(str(ann),), eval_files=(str(ann),),
-                      image_root=str(tmp_path), skip_bad=skip_bad)
+                      image_root=str(tmp_path), skip_bad=skip_bad,
+                      max_bad_fraction=max_bad_fraction)
   cfg.tokenizer.vocab_file = str(vocab)
   cfg.image_size = 32
   cfg.mim.update(patch_size=16, num_masking_patches=2, min_num_patches=1)
@@ -101,3 +102,33 @@ def test_pipeline_skips_and_counts_bad_examples_or_fails(tmp_path, caplog):
   ev = pipeline.make_eval_data(cfg)  # captions are read without decoding images
   assert ev.num_images == 5 and ev.num_texts == 9
   assert ev.captions[:2] == ["a dog", "a cat"]
+
+
+def test_bad_examples_beyond_the_budget_stop_the_pipeline(tmp_path):
+  _write_images(tmp_path, 4)
+  records = [{"image": _name(i), "caption": "a dog"} for i in range(4)]
+  records += [{"image": f"gone{i}.jpg", "caption": "a cat"} for i in range(4)]
+  cfg = _captions_cfg(tmp_path, records, skip_bad=True, max_bad_fraction=0.25)
+  cfg.loader.num_epochs = -1
+  # 8 per epoch: the third bad example exceeds 0.25 * 8.
+  with pytest.raises(pipeline.TooManyBadExamplesError,
+                     match=r"3 bad examples of \d+ read exceed max_bad_fraction=0.25.*gone"):
+    it = iter(pipeline.make_train_dataset(cfg, batch_size=2, process_index=0, process_count=1))
+    for _ in range(100):
+      next(it)
+
+
+def test_an_all_bad_caption_set_stops_instead_of_skipping_forever(tmp_path):
+  # The user report: a wrong image root, skip_bad=True, an endless stream of skips.
+  records = [{"image": f"img{i}.jpg", "caption": "a dog"} for i in range(6)]
+  cfg = _captions_cfg(tmp_path, records, skip_bad=True, max_bad_fraction=0.01)
+  cfg.loader.num_epochs = -1
+  with pytest.raises(pipeline.TooManyBadExamplesError, match="max_bad_fraction=0.01"):
+    next(iter(pipeline.make_train_dataset(cfg, batch_size=2, process_index=0, process_count=1)))
+  # Even with every example allowed to be bad, an epoch with nothing good is an error.
+  cfg.captions.max_bad_fraction = 1.0
+  ds = pipeline.make_train_dataset(cfg, batch_size=2, process_index=1, process_count=2)
+  with pytest.raises(pipeline.TooManyBadExamplesError,
+                     match=r"a whole epoch \(3 examples in this process's shard\) yielded no "
+                           r"usable example.*image_root"):
+    next(iter(ds))
