@@ -57,6 +57,7 @@ RETRIEVAL_MODULES = ("vit", "bert", "vision_proj", "text_proj", "itm_head", "tem
 MOMENTUM_MODULES = ("vit", "bert", "vision_proj", "text_proj")
 DROPPED = {"vit": ("mask_token",), "bert": ("mlm_head",)}
 IDX_QUEUE_INIT = -100   # the official idx_queue buffer's fill: matches no image id
+_QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")   # loaded as the official load does
 
 
 # --------------------------------------------------------------------------- objectives
@@ -107,6 +108,17 @@ def sample_negatives_excluding_ids(rng, sim_i2t_b_b, sim_t2i_b_b, idx_b):
 def enqueue_ids(idx_queue_q, idx_b, ptr):
   """Writes the batch ids at rows [ptr, ptr+B) of the id queue (Q a multiple of B)."""
   return jax.lax.dynamic_update_slice(idx_queue_q, idx_b.astype(idx_queue_q.dtype), (ptr,))
+
+
+def update_queues(extras, img_m_b_e, txt_m_b_e, idx_b, idx_queue_frozen: bool) -> dict:
+  """The batch's momentum features (and ids, unless frozen) written at the queue pointer."""
+  ptr = extras["queue_ptr"]
+  out = {}
+  out["image_queue"], _ = obj.enqueue(extras["image_queue"], img_m_b_e, ptr)
+  out["text_queue"], out["queue_ptr"] = obj.enqueue(extras["text_queue"], txt_m_b_e, ptr)
+  out["idx_queue"] = (extras["idx_queue"] if idx_queue_frozen
+                      else enqueue_ids(extras["idx_queue"], idx_b, ptr))
+  return out
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -203,16 +215,21 @@ def load_pretrained(config) -> Pretrained:
     params = retrieval_subset(state["params"])
     params_m = extras.get("momentum")
     params_m = retrieval_subset(params_m, MOMENTUM_MODULES) if params_m is not None else None
-    queues = {k: extras[k] for k in ("image_queue", "text_queue", "queue_ptr") if k in extras}
-    pretrained = Pretrained(model_cfg, params, params_m, queues or None, step, path)
+    queues = ({k: extras[k] for k in _QUEUE_KEYS} if set(_QUEUE_KEYS) <= set(extras)
+              else None)
+    pretrained = Pretrained(model_cfg, params, params_m, queues, step, path)
     return _resize_positions(pretrained)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"init.checkpoint: {path} is neither a workdir nor a file")
   from simla_jax import convert  # torch only when an official checkpoint is read
   model_cfg = retrieval_model_overrides(config.model, config.data.image_size)
+  if model_cfg.bert.vocab_size == -1:
+    model_cfg.bert.vocab_size = pipeline.make_tokenizer(config.data).vocab_size
   params, params_m, queues = convert.load_official_checkpoint(path, model_cfg)
-  return Pretrained(model_cfg, retrieval_subset(params),
-                    retrieval_subset(params_m, MOMENTUM_MODULES), queues, 0, path)
+  if params_m is not None:   # fine-tuned layouts may come without momentum copies
+    params_m = retrieval_subset(params_m, MOMENTUM_MODULES)
+  queues = {k: queues[k] for k in _QUEUE_KEYS} if set(_QUEUE_KEYS) <= set(queues or {}) else None
+  return Pretrained(model_cfg, retrieval_subset(params), params_m, queues, 0, path)
 
 
 def _resize_positions(p: Pretrained) -> Pretrained:
@@ -326,12 +343,8 @@ def make_train_step(config, model: SIMLA, tx, schedule):
     (loss, (losses, itm_acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new = state.apply_gradients(tx, grads, rng=rng)
     params = {**new.params, "temp": jnp.clip(new.params["temp"], mcfg.temp_min, mcfg.temp_max)}
-    ptr = extras["queue_ptr"]
-    out = dict(extras, momentum=params_m)
-    out["image_queue"], _ = obj.enqueue(extras["image_queue"], img_m, ptr)
-    out["text_queue"], out["queue_ptr"] = obj.enqueue(extras["text_queue"], txt_m, ptr)
-    if not config.compat.idx_queue_frozen:
-      out["idx_queue"] = enqueue_ids(extras["idx_queue"], idx, ptr)
+    out = dict(extras, momentum=params_m,
+               **update_queues(extras, img_m, txt_m, idx, config.compat.idx_queue_frozen))
     metrics = dict(loss=loss, **losses, itm_acc=itm_acc, alpha=alpha, temp=params["temp"],
                    lr=schedule(state.step))
     return new.replace(params=params, extras=out), metrics

@@ -75,10 +75,18 @@ def test_hard_negatives_never_share_the_image_id():
     assert set(neg[:, 0]) == {2, 3}
 
 
-def test_id_queue_enqueue():
-  q = jnp.full((8,), rt.IDX_QUEUE_INIT, jnp.int32)
-  q = rt.enqueue_ids(q, jnp.array([4, 2]), jnp.int32(2))
-  np.testing.assert_array_equal(q, [-100, -100, 4, 2, -100, -100, -100, -100])
+def test_id_queue_follows_the_feature_queue_unless_frozen():
+  extras = dict(image_queue=jnp.zeros((8, 3)), text_queue=jnp.zeros((8, 3)),
+                queue_ptr=jnp.int32(6), idx_queue=jnp.full((8,), rt.IDX_QUEUE_INIT, jnp.int32))
+  feats, ids = jnp.ones((2, 3)), jnp.array([4, 2])
+  out = rt.update_queues(extras, feats, 2 * feats, ids, idx_queue_frozen=False)
+  np.testing.assert_array_equal(out["idx_queue"], [-100] * 6 + [4, 2])
+  np.testing.assert_array_equal(out["text_queue"][6:], 2 * np.ones((2, 3)))
+  assert int(out["queue_ptr"]) == 0
+  # The official code never enqueues ids: queue entries never become positives.
+  frozen = rt.update_queues(extras, feats, feats, ids, idx_queue_frozen=True)
+  np.testing.assert_array_equal(frozen["idx_queue"], [-100] * 8)
+  np.testing.assert_array_equal(frozen["image_queue"], out["image_queue"])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -123,6 +131,27 @@ def test_load_interpolates_positions_to_a_larger_image(pretrained):
   assert p.params["vit"]["pos_embed"].shape == (1, 17, 64)
   np.testing.assert_allclose(p.params["vit"]["pos_embed"],
                              vit_lib.interpolate_pos_embed(state.params["vit"]["pos_embed"], 16))
+
+
+def test_an_official_pth_loads_the_same_weights(pretrained, tmp_path):
+  torch = pytest.importorskip("torch")
+  from simla_jax import convert
+  workdir, cfg, state = pretrained
+  c = _config(workdir)
+  tok = pipeline.make_tokenizer(c.data)
+  model_cfg = rt.resolve_model_config(rt.workdir_model_config(workdir), tok, state.params)
+  model_cfg.codebook_size = state.params["mim_head"]["kernel"].shape[1]
+  queues = {k: state.extras[k] for k in ("image_queue", "text_queue", "queue_ptr")}
+  official = convert.to_official_state_dict(state.params, state.extras["momentum"], queues,
+                                            model_cfg)
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}},
+             tmp_path / "simla.pth")
+  c.init.checkpoint = str(tmp_path / "simla.pth")
+  c.model = model_cfg
+  from_pth, from_workdir = rt.load_pretrained(c), rt.load_pretrained(_config(workdir))
+  jax.tree.map(np.testing.assert_allclose, from_pth.params, from_workdir.params)
+  jax.tree.map(np.testing.assert_allclose, from_pth.params_m, from_workdir.params_m)
+  np.testing.assert_allclose(from_pth.queues["image_queue"], from_workdir.queues["image_queue"])
 
 
 def test_a_different_vocabulary_is_refused(pretrained, tmp_path):
