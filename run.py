@@ -18,6 +18,7 @@ from ml_collections import config_flags
 FAMILIES = {
     "simla": "simla_jax.train",
     "mvcom": "face_jax.train",
+    "simla_retrieval": "simla_jax.tasks.retrieval",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -102,6 +103,9 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+  if config.get("eval_only", False):   # a family's checkpoint evaluation, no training
+    module.evaluate_checkpoint(config, workdir)
+    return
   try:
     loop.train_and_evaluate(config, workdir, module.make_task)
   except loop.RunInterrupted as e:  # the loop printed what it saved

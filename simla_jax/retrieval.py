@@ -1,9 +1,13 @@
-"""Zero-shot image-text retrieval: ITC candidates re-ranked by the ITM head.
+"""Image-text retrieval: ITC candidates re-ranked by the ITM head; minimal pairs.
 
 As the official `evaluation()`: ITC similarities for all pairs; for each image the
 top `k_test` texts (and for each text the top `k_test` images) are re-scored by the
 ITM match logit; every other pair scores -100. TR/IR R@1/5/10 follow `itm_eval`
 (for TR, the rank of the best of the image's ground-truth captions).
+
+Minimal pairs (shapes world, `shapes.minimal_pair`): each image with its true object
+list and a foil that swaps one colour or shape; the model is right when it scores the
+truth above the foil, by the ITM match logit and by the ITC similarity (chance 50 %).
 """
 
 from typing import Any, Sequence
@@ -13,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from simla_jax.data import pipeline
+from simla_jax.data import shapes
+from simla_jax.data.tokenizer import pre_caption
 from simla_jax.models import SIMLA
 
 FLOOR = -100.0
@@ -42,13 +48,26 @@ class Evaluator:
   """Retrieval on the splits named in `eval_cfg.splits`, returning {"<split>_<metric>": %}.
 
   eval_cfg keys: splits (e.g. ("test", "comp")), k_test, batch_size.
+  `splits` overrides eval_cfg.splits; `data_cfgs` maps a split to its own data config
+  (e.g. a caption JSON per split); `minimal_pairs`: shapes splits scored as 2-way
+  choices as well ("<split>_pairs_itm_acc", "<split>_pairs_itc_acc").
   """
 
-  def __init__(self, model: SIMLA, eval_cfg: Any, data_cfg: Any, tokenizer):
+  def __init__(self, model: SIMLA, eval_cfg: Any, data_cfg: Any, tokenizer,
+               splits: Sequence[str] | None = None, data_cfgs: dict[str, Any] | None = None,
+               minimal_pairs: Sequence[str] = ()):
     self.model = model
     self.k = int(eval_cfg.k_test)
     self.batch_size = int(eval_cfg.batch_size)
-    self.data = {s: pipeline.make_eval_data(data_cfg, s, tokenizer) for s in eval_cfg.splits}
+    data_cfgs = data_cfgs or {}
+    self.data = {s: pipeline.make_eval_data(data_cfgs.get(s, data_cfg), s, tokenizer)
+                 for s in (eval_cfg.splits if splits is None else splits)}
+    unknown = [s for s in minimal_pairs if s not in self.data]
+    if unknown:
+      raise ValueError(f"eval: minimal_pairs splits {unknown} are not evaluated splits "
+                       f"{sorted(self.data)}")
+    self.pairs = {s: MinimalPairs(self.data[s], tokenizer, int(data_cfg.tokenizer.max_words))
+                  for s in minimal_pairs}
     apply = lambda p, *a, method: model.apply({"params": p}, *a, method=method)
 
     @jax.jit
@@ -107,9 +126,32 @@ class Evaluator:
     score_t2i[pairs_t2i[:, 1], pairs_t2i[:, 0]] = self._itm_scores(params, pairs_t2i, data, image_seq)
     return sims, score_i2t, score_t2i
 
-  def __call__(self, params) -> dict[str, float]:
+  def minimal_pair_accuracy(self, params, pairs: "MinimalPairs") -> dict[str, float]:
+    """Percent of images whose true caption beats its foil, by ITM and by ITC."""
+    n, bs = len(pairs.index), self.batch_size
+    itm = {"caption": [], "foil": []}
+    itc = {"caption": [], "foil": []}
+    for start in range(0, n, bs):
+      keep = min(bs, n - start)
+      images = np.stack([pairs.data.image(int(i)) for i in _padded(pairs.index, start, bs)])
+      image_seq, img = self._encode_images(params, images)
+      for name, (ids, mask) in (("caption", pairs.caption), ("foil", pairs.foil)):
+        ids_b, mask_b = _padded(ids, start, bs), _padded(mask, start, bs)
+        txt = self._encode_texts(params, ids_b, mask_b)
+        itc[name].append(np.sum(np.asarray(img) * np.asarray(txt), -1)[:keep])
+        itm[name].append(np.asarray(self._match(params, ids_b, mask_b, image_seq))[:keep])
+    wins = lambda s: 100.0 * float(np.mean(np.concatenate(s["caption"]) >
+                                           np.concatenate(s["foil"])))
+    return {"itm_acc": wins(itm), "itc_acc": wins(itc)}
+
+  def __call__(self, params, splits: Sequence[str] | None = None) -> dict[str, float]:
+    """Scores of `splits` (default: every split this evaluator holds)."""
     out = {}
-    for split, data in self.data.items():
+    for split in (self.data if splits is None else splits):
+      data = self.data[split]
+      if split in self.pairs:
+        for name, value in self.minimal_pair_accuracy(params, self.pairs[split]).items():
+          out[f"{split}_pairs_{name}"] = value
       sims, score_i2t, score_t2i = self.scores(params, data)
       for name, value in recall_at_k(score_i2t, score_t2i, data.img2txt, data.txt2img).items():
         out[f"{split}_{name}"] = value
@@ -117,3 +159,23 @@ class Evaluator:
         if name != "r_mean":
           out[f"{split}_itc_{name}"] = value
     return out
+
+
+def _padded(rows: np.ndarray, start: int, size: int) -> np.ndarray:
+  """rows[start:start+size], the last row repeated to `size` rows (fixed jit shapes)."""
+  chunk = rows[start:start + size]
+  return np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
+
+
+class MinimalPairs:
+  """Every image of a shapes split with its true object list and a one-word foil."""
+
+  def __init__(self, data: pipeline.EvalData, tokenizer, max_words: int = 30):
+    if not isinstance(data.source, shapes.ShapesSource):
+      raise ValueError("eval.minimal_pairs needs shapes-world splits")
+    self.data = data
+    self.index = np.arange(data.num_images)
+    pairs = [shapes.minimal_pair(data.source[int(i)], data.source.seed) for i in self.index]
+    self.caption = tokenizer([pre_caption(p["caption"], max_words) for p in pairs])
+    self.foil = tokenizer([pre_caption(p["foil"], max_words) for p in pairs])
+    self.pairs = pairs

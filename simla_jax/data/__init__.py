@@ -52,8 +52,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       num_objects=(1, 4),         # inclusive range per image
       captions_per_image=5,
       max_caption_words=29,       # [CLS] + 29 words = max_len
-      train_size=100_000, val_size=500, test_size=500, comp_size=500,
-      # (colour, shape) pairs absent from train/val/test; each `comp` image has one.
+      train_size=100_000, val_size=500, test_size=500, comp_size=500, strict_size=500,
+      # (colour, shape) pairs absent from train/val/test; each `comp` image has one,
+      # every object of a `strict` image is one.
       holdout_pairs=("red triangle", "blue star", "green hexagon", "yellow cross"),
       grid=3,                     # objects sit in distinct cells of a grid x grid layout
       small_radius=0.26,          # object radius as a fraction of the cell size

@@ -203,6 +203,8 @@ class ExampleTransform(grain.transforms.MapWithIndex):
         "patch_mask": self.mask_gen(rng).reshape(-1),
         "index": np.int32(index),
     }
+    if "image_id" in example:   # retrieval pairs (simla_jax.data.retrieval_pairs)
+      out["image_id"] = np.int32(example["image_id"])
     if self.dvae_tf is not None:
       out["dvae_image"] = self.dvae_tf(example["image"], rng)
     return out
@@ -211,12 +213,17 @@ class ExampleTransform(grain.transforms.MapWithIndex):
 def make_train_dataset(data_cfg: Any, *, batch_size: int, split: str = "train",
                        seed: Optional[int] = None, process_index: Optional[int] = None,
                        process_count: Optional[int] = None,
-                       tokenizer: Optional[Tokenizer] = None) -> grain.IterDataset:
-  """The training `IterDataset` of process-local batches of `batch_size` examples."""
+                       tokenizer: Optional[Tokenizer] = None,
+                       source: Any = None) -> grain.IterDataset:
+  """The training `IterDataset` of process-local batches of `batch_size` examples.
+
+  `source`: a random-access source replacing `make_source(data_cfg, split)` (e.g. the
+  retrieval pairs with image ids).
+  """
   check_config(data_cfg)
   loader = data_cfg.loader
   seed = int(data_cfg.seed if seed is None else seed)
-  source = make_source(data_cfg, split)
+  source = make_source(data_cfg, split) if source is None else source
   skipping = None
   if data_cfg.name == "captions" and data_cfg.captions.skip_bad:
     source = skipping = _SkipBadSource(source, data_cfg.captions.max_bad_fraction)

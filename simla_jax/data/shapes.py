@@ -8,10 +8,14 @@ learnable yet captions of different images rarely coincide.
 
 World: 8 colours x 8 shapes x 2 sizes, objects in distinct cells of a `grid` x `grid`
 layout (so they never overlap), 4 background textures. Some (colour, shape) pairs
-(`config.shapes.holdout_pairs`) never occur in the `train`, `val` or `test` splits;
-every image of the `comp` split contains at least one of them (compositional
-generalisation). Splits draw from disjoint random streams (the split code is part of
-the seed), so no image is shared between splits.
+(`config.shapes.holdout_pairs`) never occur in the `train`, `val` or `test` splits.
+Two splits test compositional generalisation: every image of `comp` contains at least
+one held-out pair (next to seen ones), every object of every `strict` image is a
+held-out pair, so nothing in a `strict` image was seen as a colour-shape unit in
+training. `minimal_pair(example)` turns an image into a 2-way choice: a caption listing
+its objects and a foil with one colour or shape swapped. Splits draw from disjoint
+random streams (the split code is part of the seed), so no image is shared between
+splits.
 
 Usage:
   src = ShapesSource(data_config, "train")   # grain random-access source
@@ -46,7 +50,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring")
 SIZES = ("small", "large")
 TEXTURES = ("plain", "striped", "checkered", "shaded")
-SPLITS = {"train": 0, "val": 1, "test": 2, "comp": 3}  # split -> random-stream code
+SPLITS = {"train": 0, "val": 1, "test": 2, "comp": 3, "strict": 4}  # split -> random-stream code
+MINIMAL_PAIR_STREAM = 1  # extra seed word: a minimal pair's swap never perturbs the image
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Words the caption templates use besides attributes, numbers and positions.
 _TEMPLATE_WORDS = ("a", "an", "the", "and", "of", "image", "picture", "shape", "shapes",
@@ -132,7 +137,7 @@ class ShapesSource:
   """Random-access source (`len`, `[i]`) of one split of the shapes world.
 
   data_config: the `config.data` ConfigDict (`image_size` and the `shapes` block).
-  split: one of "train", "val", "test", "comp".
+  split: one of "train", "val", "test", "comp", "strict".
   """
 
   def __init__(self, data_config: Any, split: str):
@@ -142,6 +147,8 @@ class ShapesSource:
     self.split = split
     self.image_size = int(data_config.image_size)
     self.seed = int(c.seed)
+    if f"{split}_size" not in c:
+      raise ValueError(f"shapes: config.data.shapes has no {split}_size")
     self.length = int(c[f"{split}_size"])
     self.min_objects, self.max_objects = (int(n) for n in c.num_objects)
     self.captions_per_image = int(c.captions_per_image)
@@ -163,8 +170,8 @@ class ShapesSource:
     all_pairs = [(col, sh) for col in COLOURS for sh in SHAPES]
     self.seen_pairs = [p for p in all_pairs if p not in self.holdout]
     self.holdout_list = sorted(self.holdout)
-    if split == "comp" and not self.holdout_list:
-      raise ValueError("shapes: the 'comp' split needs shapes.holdout_pairs")
+    if split in ("comp", "strict") and not self.holdout_list:
+      raise ValueError(f"shapes: the {split!r} split needs shapes.holdout_pairs")
     ys, xs = np.mgrid[0:self.image_size, 0:self.image_size]
     self._xs = xs.astype(np.float32) + 0.5  # pixel centres
     self._ys = ys.astype(np.float32) + 0.5
@@ -211,7 +218,7 @@ class ShapesSource:
     cell = self.image_size / self.grid
     objects = []
     for k, c in enumerate(cells):
-      if self.split == "comp" and k == 0:  # at least one unseen combination
+      if (self.split == "comp" and k == 0) or self.split == "strict":  # unseen combinations
         colour, shape = self.holdout_list[rng.integers(len(self.holdout_list))]
       else:
         colour, shape = self.seen_pairs[rng.integers(len(self.seen_pairs))]
@@ -346,3 +353,28 @@ class ShapesSource:
 
   def _cap_background(self, objects, texture, with_size, perm, rng):
     return f"{_join(self._phrases(objects, with_size, perm))} on {_article(texture)} {texture} background"
+
+
+def minimal_pair(example: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+  """A 2-way caption choice for one shapes example: the truth and a one-word foil.
+
+  caption: every object as "a <size> <colour> <shape>" joined in object order; foil: the
+  same caption with the colour or the shape (coin flip) of one object replaced by a
+  value that makes a (size, colour, shape) the image does not contain, so the foil is
+  false. Deterministic in (seed, split, index). Returns {caption, foil, attribute,
+  object}; attribute is "colour" | "shape".
+  """
+  objects = example["objects"]
+  rng = np.random.default_rng([seed, SPLITS[example["split"]], int(example["index"]),
+                               MINIMAL_PAIR_STREAM])
+  present = {(o["size"], o["colour"], o["shape"]) for o in objects}
+  k = int(rng.integers(len(objects)))
+  attribute = ("colour", "shape")[rng.integers(2)]
+  values = tuple(COLOURS) if attribute == "colour" else SHAPES
+  swapped = [dict(objects[k], **{attribute: v}) for v in values if v != objects[k][attribute]]
+  swapped = [o for o in swapped if (o["size"], o["colour"], o["shape"]) not in present]
+  foil_object = swapped[int(rng.integers(len(swapped)))]
+  phrase = lambda objs: _join([_noun_phrase(o, True) for o in objs])
+  return {"caption": phrase(objects),
+          "foil": phrase([foil_object if i == k else o for i, o in enumerate(objects)]),
+          "attribute": attribute, "object": k}

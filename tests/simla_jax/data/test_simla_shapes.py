@@ -1,6 +1,8 @@
-"""Shapes world: determinism, disjoint splits, compositional holdout, boxes, captions."""
+"""Shapes world: determinism, disjoint splits, compositional holdout, boxes, captions,
+minimal pairs."""
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -35,9 +37,9 @@ def test_example_is_pure_function_of_seed_split_index():
 
 
 def test_splits_share_no_image():
-  cfg = _cfg(train_size=400, val_size=200, test_size=200, comp_size=200)
+  cfg = _cfg(train_size=400, val_size=200, test_size=200, comp_size=200, strict_size=200)
   seen = {}
-  for split in ("train", "val", "test", "comp"):
+  for split in ("train", "val", "test", "comp", "strict"):
     src = shapes.ShapesSource(cfg, split)
     for i in range(len(src)):
       d = _digest(src[i]["image"])
@@ -62,6 +64,51 @@ def test_compositional_holdout():
   assert found == held  # every held-out pair occurs
   with pytest.raises(ValueError, match="holdout_pairs"):
     shapes.ShapesSource(_cfg(holdout_pairs=("red blob",)), "train")
+
+
+def test_strict_split_holds_only_heldout_pairs():
+  cfg = _cfg()
+  held = {tuple(p.split()) for p in cfg.shapes.holdout_pairs}
+  strict = shapes.ShapesSource(cfg, "strict")
+  found, counts = set(), set()
+  for i in range(200):
+    pairs = [(o["colour"], o["shape"]) for o in strict[i]["objects"]]
+    assert set(pairs) <= held, f"strict[{i}] has seen pairs {set(pairs) - held}"
+    found |= set(pairs)
+    counts.add(len(pairs))
+  assert found == held and counts == {1, 2, 3, 4}
+  with pytest.raises(ValueError, match="holdout_pairs"):
+    shapes.ShapesSource(_cfg(holdout_pairs=()), "strict")
+
+
+def _obj(size, colour, shape):
+  return dict(size=size, colour=colour, shape=shape)
+
+
+def test_minimal_pair_swaps_one_attribute_into_an_absent_object():
+  example = dict(split="test", index=3, objects=[
+      _obj("small", "red", "circle"), _obj("large", "orange", "star"),
+      _obj("small", "blue", "circle")])
+  pair = shapes.minimal_pair(example)
+  assert pair["caption"] == ("a small red circle, a large orange star and a small blue circle")
+  assert pair == shapes.minimal_pair(example)          # deterministic
+  split = lambda c: [p.split() for p in re.split(r", | and ", c)]   # phrases -> words
+  truth, foil = split(pair["caption"]), split(pair["foil"])
+  k = pair["object"]
+  assert len(foil) == 3 and [i for i in range(3) if truth[i] != foil[i]] == [k]
+  # "a <size> <colour> <shape>": only the swapped attribute's word differs.
+  at = 2 if pair["attribute"] == "colour" else 3
+  assert [j for j in range(4) if truth[k][j] != foil[k][j]] == [at]
+  swapped = foil[k][at]
+  present = {(o["size"], o["colour"], o["shape"]) for o in example["objects"]}
+  new = dict(example["objects"][k], **{pair["attribute"]: swapped})
+  assert (new["size"], new["colour"], new["shape"]) not in present
+  # The one swap that would describe the image (small red circle -> small blue circle
+  # is present) is never drawn: over many examples object 0's colour never becomes blue.
+  for i in range(200):
+    p = shapes.minimal_pair(dict(example, index=i))
+    if p["object"] == 0 and p["attribute"] == "colour":
+      assert not p["foil"].startswith("a small blue circle")
 
 
 def test_boxes_are_tight_and_hold_all_object_pixels():

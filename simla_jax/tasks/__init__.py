@@ -1,0 +1,4 @@
+"""SIMLA downstream tasks, one module each (model head, loss, evaluator, `make_task`).
+
+  retrieval  image-text retrieval fine-tuning (official Retrieval.py) and `:eval`
+"""
