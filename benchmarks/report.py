@@ -46,14 +46,18 @@ SIMLA = ["date", "device", "size", "batch", "dtype", "remat", "scan", "attention
 
 
 def mvcom_row(r):
+  scan = r.get("scan_layers")
   return [r["date"][:16].replace("T", " "), r.get("device", ""), r["size"], r["batch"],
-          r.get("meta_batch"), r["dtype"], r["row"], r.get("label", ""), _f(r["step_s"], ".3f"),
+          r.get("meta_batch"), r["dtype"], r["row"], "-" if scan is None else ("on" if scan else "off"),
+          r.get("label", ""), _f(r.get("lower_s"), ".1f"), _f(r.get("compile_s"), ".1f"),
+          _f(r.get("compile_cpu_s"), ".1f"), _f(r.get("step_s"), ".3f"),
           _f(r.get("cpu_s"), ".3f"), _f(r.get("flops", 0) / 1e9, ".2f"),
           _f(r.get("ratio"), ".2f"), r.get("load_before", "")]
 
 
-MVCOM = ["date", "device", "size", "batch", "meta", "dtype", "step", "label", "step s", "CPU s",
-         "GFLOP run", "x plain", "load (1/5/15 min)"]
+MVCOM = ["date", "device", "size", "batch", "meta", "dtype", "step", "scan", "label", "lower s",
+         "compile s", "compile CPU s", "step s", "CPU s", "GFLOP run", "x plain",
+         "load (1/5/15 min)"]
 
 
 def input_row(r):
