@@ -175,6 +175,8 @@ class IResNet(nn.Module):
     if len(self.layers) != len(self.widths):
       raise ValueError(f"IResNet: layers {tuple(self.layers)} and widths {tuple(self.widths)} "
                        "must have the same length (one entry per stage)")
+    if min(self.layers) < 1:
+      raise ValueError(f"IResNet: layers {tuple(self.layers)}: every stage needs a block")
     x = images.astype(self.dtype)
     x = _conv(self.widths[0], 3, 1, self.dtype, "conv1")(x)
     x = _batch_norm(train, self.dtype, "bn1")(x)

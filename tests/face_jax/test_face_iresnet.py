@@ -248,5 +248,7 @@ def test_logical_axes_and_errors():
   assert scanned["params"]["layer1_blocks"]["conv1"]["kernel"].value.shape == (2, 3, 3, 4, 4)
   with pytest.raises(ValueError, match="same length"):
     iresnet.IResNet(layers=(1, 1), widths=(4,)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="every stage needs a block"):
+    iresnet.IResNet(layers=(1, 0), widths=(4, 4)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   with pytest.raises(ValueError, match="unknown IResNet"):
     iresnet.iresnet("r51")
