@@ -177,3 +177,23 @@ def test_generic_loop_end_to_end(tmp_path):
   assert "attributes" in state.params
   for name in ("roc_groups.png", "roc_variations.png", "margins.png", "eval_table.txt"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
+
+
+def test_paper_backbone_is_scanned_and_shardable():
+  """configs/mvcom.py:paper builds IResNet-100 with its repeated blocks as four scans whose
+  stacked axis has a sharding rule (traced only: jax.eval_shape)."""
+  config = mvcom_config.get_config("paper")
+  assert config.model.scan_layers and config.model.remat
+  model = train.build_model(config, num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)),
+                                             train=False))
+  backbone = shapes["params"]["backbone"]
+  # r100 = (3, 13, 30, 3): stacks of 2, 12, 29 and 2 blocks after each stage's first.
+  assert [backbone[f"layer{s}_blocks"]["conv1"]["kernel"].value.shape[0] for s in (1, 2, 3, 4)] == [2, 12, 29, 2]
+  assert not any(k.startswith("layer3_1") for k in backbone)
+  sharding.check_rules(shapes, config.axis_rules)
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=2, model=1))
+  specs = sharding.shardings_of(shapes, mesh, config.axis_rules)
+  # The stack axis is replicated and the output channels stay on `fsdp` behind it.
+  assert tuple(specs["params"]["backbone"]["layer3_blocks"]["conv1"]["kernel"].spec) == (
+      None, None, None, None, "fsdp")
