@@ -212,7 +212,9 @@ class BertEncoder(nn.Module):
     stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast,) * 7, length=stop - start,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                    # No broadcast variables or outputs: skip the extra trace that checks them.
+                    check_constancy_invariants=False)
     if not whole:
       stack = nn.map_variables(stack, "params", trans_in_fn=_take(slice(start, stop)))
     x, probs = stack(*args, name="layer")(x, bias, kv, kv_bias, kv_index, deterministic,

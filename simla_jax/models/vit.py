@@ -140,7 +140,9 @@ class VisionTransformer(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast), length=self.depth,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+                      metadata_params={nn.PARTITION_NAME: "layers"},
+                      # No broadcast variables or outputs: skip the extra trace that checks them.
+                      check_constancy_invariants=False)
       x, _ = stack(*args, name="blocks")(x, jnp.asarray(rates, jnp.float32), deterministic)
     else:
       for i in range(self.depth):
