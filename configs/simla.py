@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
   c.model.vit.update(width=128, depth=3, heads=4, mlp_dim=512)
   c.model.bert.update(hidden=128, layers=3, heads=4, ffn=512)
+  # At 3 layers a scan saves no compile time and costs ~14 % step time (benchmarks/README.md,
+  # "SIMLA compile time"); `paper` (model size base) scans.
+  c.model.scan_layers = False
   c.model.embed_dim = 64
   # A few hundred steps from scratch: the momentum copies and the queue must follow
   # the online encoders closely (0.995 and a 2k queue lag by ~200 steps, so ITC
