@@ -149,6 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               f"{jax.config.jax_compilation_cache_dir or 'off'}).")
           state, step_metrics = step_fn(state, batch)
           phase = "idle"
+          if stop.requested:   # not blocked: stopping at the next (agreed) boundary
+            stop.acknowledge()
           step += 1
           pending.append((step, step_metrics))
           bar.update(1)

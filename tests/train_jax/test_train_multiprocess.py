@@ -77,7 +77,7 @@ def _losses(workdir):
     ("mvcom", "fsdp"),
     pytest.param(("simla", "fsdp"), marks=pytest.mark.slow),
     pytest.param(("mvcom", "dp"), marks=pytest.mark.slow),
-])
+], ids=lambda p: "-".join(p))
 def runs(request, tmp_path_factory):
   """(family, one: 1-process workdir, two: 2-process workdir stopped at 2 and resumed)."""
   family, mesh = request.param
