@@ -40,6 +40,7 @@ from face_jax.data import sampling
 from face_jax.data import synthetic
 from face_jax.models import iresnet
 from face_jax.models.face import FaceModel
+from train_jax import sharding
 from train_jax.state import TrainState
 from train_jax.task import Task
 
@@ -291,7 +292,7 @@ class SyntheticEvaluator:
 
   def embeddings(self, state) -> np.ndarray:
     fn = functools.partial(self.steps.embed_fn, state.params, state.extras["batch_stats"])
-    return evaluate_lib.embed_images(lambda x: jax.device_get(fn(x)), self.faces.test_set["image"],
+    return evaluate_lib.embed_images(lambda x: sharding.to_host(fn(x)), self.faces.test_set["image"],
                                      self.config.eval.batch_size, flip=self.config.eval.flip)
 
   def __call__(self, state) -> dict[str, float]:
