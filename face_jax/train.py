@@ -249,6 +249,7 @@ class SyntheticBatches:
   def __init__(self, config, faces: synthetic.SyntheticFaces, with_meta: bool):
     d, self.faces, self.with_meta = config.data, faces, with_meta
     self.flip = bool(d.flip)
+    self.batch_size = int(config.batch_size)
     self.rows = sampling.process_rows(config.batch_size, jax.process_index(), jax.process_count())
     self.meta_rows = sampling.process_rows(d.meta_batch_size, jax.process_index(), jax.process_count())
     if d.sampling == "group_balanced":
@@ -263,7 +264,9 @@ class SyntheticBatches:
     j = int(j)
     batch = self.faces.examples("train", self.sampler(j)[self.rows])
     if self.flip:
-      flip = np.random.default_rng([self.seed, 3, j]).random(len(batch["image"])) < 0.5
+      # Drawn for the whole global batch, then this process's rows: the same flips for any
+      # number of processes.
+      flip = np.random.default_rng([self.seed, 3, j]).random(self.batch_size)[self.rows] < 0.5
       batch["image"][flip] = batch["image"][flip][:, :, ::-1]
     if self.with_meta:
       meta = self.faces.examples("meta", self.meta_sampler(j)[self.meta_rows])
