@@ -30,6 +30,7 @@ from face_jax import mvcom as mvcom_lib
 from face_jax import plots
 from face_jax.data import pipeline
 from face_jax.data import variations
+from train_jax import sharding
 from train_jax.task import Task
 
 
@@ -112,7 +113,7 @@ class BinEvaluator:
     return self._packs
 
   def __call__(self, state) -> dict[str, float]:
-    fn = lambda x: jax.device_get(self.steps.embed_fn(state.params, state.extras["batch_stats"], x))
+    fn = lambda x: sharding.to_host(self.steps.embed_fn(state.params, state.extras["batch_stats"], x))
     results = {}
     for name, (images, issame) in self.packs.items():
       emb = evaluate_lib.embed_images(fn, images, self.config.eval.batch_size, flip=self.config.eval.flip)

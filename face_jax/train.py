@@ -40,6 +40,7 @@ from face_jax.data import sampling
 from face_jax.data import synthetic
 from face_jax.models import iresnet
 from face_jax.models.face import FaceModel
+from train_jax import sharding
 from train_jax.state import TrainState
 from train_jax.task import Task
 
@@ -248,6 +249,7 @@ class SyntheticBatches:
   def __init__(self, config, faces: synthetic.SyntheticFaces, with_meta: bool):
     d, self.faces, self.with_meta = config.data, faces, with_meta
     self.flip = bool(d.flip)
+    self.batch_size = int(config.batch_size)
     self.rows = sampling.process_rows(config.batch_size, jax.process_index(), jax.process_count())
     self.meta_rows = sampling.process_rows(d.meta_batch_size, jax.process_index(), jax.process_count())
     if d.sampling == "group_balanced":
@@ -262,7 +264,9 @@ class SyntheticBatches:
     j = int(j)
     batch = self.faces.examples("train", self.sampler(j)[self.rows])
     if self.flip:
-      flip = np.random.default_rng([self.seed, 3, j]).random(len(batch["image"])) < 0.5
+      # Drawn for the whole global batch, then this process's rows: the same flips for any
+      # number of processes.
+      flip = np.random.default_rng([self.seed, 3, j]).random(self.batch_size)[self.rows] < 0.5
       batch["image"][flip] = batch["image"][flip][:, :, ::-1]
     if self.with_meta:
       meta = self.faces.examples("meta", self.meta_sampler(j)[self.meta_rows])
@@ -291,7 +295,7 @@ class SyntheticEvaluator:
 
   def embeddings(self, state) -> np.ndarray:
     fn = functools.partial(self.steps.embed_fn, state.params, state.extras["batch_stats"])
-    return evaluate_lib.embed_images(lambda x: jax.device_get(fn(x)), self.faces.test_set["image"],
+    return evaluate_lib.embed_images(lambda x: sharding.to_host(fn(x)), self.faces.test_set["image"],
                                      self.config.eval.batch_size, flip=self.config.eval.flip)
 
   def __call__(self, state) -> dict[str, float]:

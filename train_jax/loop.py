@@ -142,6 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           batch = sharding.global_batch(local, mesh, task.batch_spec)
           if step == start:   # the executable every step runs; its compile time in metrics
             step_fn, timings = _compile_step(step_fn, state, batch)
+            if jax.process_count() > 1:  # start together: CPU (gloo) collectives wait only 30 s
+              multihost_utils.sync_global_devices("train_step_compiled")
             writer.write(step, timings)
             if is_main:
               tqdm.tqdm.write(f"Compiled the train step in {timings['compile/compile_s']:.1f} s "
@@ -149,6 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               f"{jax.config.jax_compilation_cache_dir or 'off'}).")
           state, step_metrics = step_fn(state, batch)
           phase = "idle"
+          if stop.requested:   # not blocked: stopping at the next (agreed) boundary
+            stop.acknowledge()
           step += 1
           pending.append((step, step_metrics))
           bar.update(1)

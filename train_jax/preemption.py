@@ -32,8 +32,9 @@ class StopRequests:
   """Context manager: installs the handlers on the main thread, restores them on exit.
 
   requested: name of the first signal ("SIGTERM") or None.
-  acknowledge(): the loop has seen the request and is stopping in order; the grace
-    timer stops (a second signal still interrupts).
+  acknowledge(): the loop has passed a step boundary since the request, so it is not
+    blocked and will stop in order (several processes stop at the next boundary they
+    agree on); the grace timer stops (a second signal still interrupts).
   """
 
   def __init__(self, grace_s: float):

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -93,3 +94,11 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, specs=None) -> dic
   return {k: jax.make_array_from_process_local_data(
               batch_sharding(mesh, np.ndim(v), specs.get(k)), np.asarray(v))
           for k, v in batch.items()}
+
+
+def to_host(tree) -> Any:
+  """numpy copies of a pytree of arrays on every process, also of arrays sharded over other
+  processes' devices (where `jax.device_get` refuses); every process must call it."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -43,7 +43,7 @@ def tiny_config(family: str, mesh: str):
   else:  # the face tests' tiny IResNet with the MvCoM meta step
     c = mvcom_config.get_config()
     c.batch_size = 16
-    c.model.update(layers=(1,), widths=(4,), embed_dim=8)
+    c.model.update(layers=(1,), widths=(8,), embed_dim=8)   # channels split 8 ways by FSDP
     c.data.update(image_size=8, frequencies=3, num_train_ids=40, images_per_id=(3, 5),
                   group_fractions=(0.6, 0.25, 0.15), meta_ids_per_group=3, meta_images_per_id=2,
                   test_ids_per_group=4, test_images_per_id=5, pairs_per_cell=20,
