@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.alpha = 0.4                       # momentum-distillation weight
   c.alpha_warmup_steps = 0            # ramp 0 -> alpha over the first epoch (`warm_up: True`)
   c.queue_size = 65536
+  # ITM hard negatives: "device" draws within each data-parallel shard (the official per-GPU
+  # sampling), "global" from the whole batch.
+  c.itm = ml_collections.ConfigDict(dict(negatives_from="device"))
   c.compat = ml_collections.ConfigDict(dict(
       idx_queue_frozen=False))        # True: the official code's never-updated id queue
   c.finetune_images = 0               # shapes world: train images used (x captions_per_image)

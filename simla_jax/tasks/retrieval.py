@@ -42,6 +42,7 @@ import numpy as np
 
 from simla_jax import objectives as obj
 from simla_jax import retrieval
+from simla_jax import train as simla_train
 from simla_jax.data import pipeline
 from simla_jax.data import retrieval_pairs
 from simla_jax.models import SIMLA, ema_update, init_params, init_queues
@@ -90,18 +91,24 @@ def itc_id_loss(img_b_e, txt_b_e, img_m_b_e, txt_m_b_e, image_queue_q_e, text_qu
   return loss, sim_i2t, sim_t2i
 
 
-def sample_negatives_excluding_ids(rng, sim_i2t_b_b, sim_t2i_b_b, idx_b):
+def sample_negatives_excluding_ids(rng, sim_i2t_b_b, sim_t2i_b_b, idx_b, shards: int = 1):
   """One negative text per image and image per text from the in-batch softmax, never
   an entry with the same image id. Returns (neg_text (B,), neg_image (B,)) indices.
 
-  A row whose whole batch shares its id has no negative and gets index 0 (the
+  `shards` > 1: only within the row's contiguous block of B / shards rows (the
+  data-parallel shard: the official code samples per GPU, `itm.negatives_from="device"`).
+  A row whose candidates all share its id has no negative and gets index 0 (the
   official torch.multinomial would fail); batches of distinct ids never hit this.
   """
-  same_b_b = idx_b[:, None] == idx_b[None, :]
+  b = idx_b.shape[0]
+  if b % shards:
+    raise ValueError(f"ITM negatives: batch {b} does not split into {shards} shards")
+  block_b = jnp.arange(b) // (b // shards)
+  excluded_b_b = (idx_b[:, None] == idx_b[None, :]) | (block_b[:, None] != block_b[None, :])
   rng_t, rng_i = jax.random.split(rng)
   sims = jax.lax.stop_gradient((sim_i2t_b_b.astype(jnp.float32), sim_t2i_b_b.astype(jnp.float32)))
-  neg_text = jax.random.categorical(rng_t, jnp.where(same_b_b, -jnp.inf, sims[0]), axis=-1)
-  neg_image = jax.random.categorical(rng_i, jnp.where(same_b_b, -jnp.inf, sims[1]), axis=-1)
+  neg_text = jax.random.categorical(rng_t, jnp.where(excluded_b_b, -jnp.inf, sims[0]), axis=-1)
+  neg_image = jax.random.categorical(rng_i, jnp.where(excluded_b_b, -jnp.inf, sims[1]), axis=-1)
   return neg_text, neg_image
 
 
@@ -283,17 +290,14 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- task
-def check_config(config) -> None:
-  if config.queue_size % config.batch_size:
-    raise ValueError(f"queue_size {config.queue_size} must be a multiple of the global "
-                     f"batch_size {config.batch_size}")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} must divide over "
-                     f"{jax.process_count()} processes")
+def check_config(config, mesh=None) -> None:
+  """Queue / batch / ITM-sharding consistency, as the pretraining task checks it."""
+  simla_train.check_config(config, mesh)
 
 
-def make_train_step(config, model: SIMLA, tx, schedule):
-  """Returns the pure `(state, batch) -> (state, metrics)` retrieval fine-tuning step."""
+def make_train_step(config, model: SIMLA, tx, schedule, shards: int = 1):
+  """Returns the pure `(state, batch) -> (state, metrics)` retrieval fine-tuning step;
+  ITM negatives are drawn within `shards` blocks of the batch."""
   mcfg = model.config
 
   def run(params, method, *args, rng=None, **kwargs):
@@ -327,7 +331,7 @@ def make_train_step(config, model: SIMLA, tx, schedule):
                                           extras["text_queue"], idx, extras["idx_queue"],
                                           temp, alpha)
       neg_text, neg_image = sample_negatives_excluding_ids(k_neg, sim_i2t[:, :b],
-                                                           sim_t2i[:, :b], idx)
+                                                           sim_t2i[:, :b], idx, shards)
       # One multimodal pass over 3B pairs: (text, image), (text, negative image),
       # (negative text, image); each image's cross-attention keys/values once.
       rows = jnp.arange(b)
@@ -412,8 +416,7 @@ def train_source(config):
 
 
 def make_task(config, mesh) -> Task:
-  del mesh  # shardings come from the params' logical axis names
-  check_config(config)
+  check_config(config, mesh)   # shardings come from the params' logical axis names
   tokenizer = pipeline.make_tokenizer(config.data)
   pretrained = load_pretrained(config)
   model = build_model(config, tokenizer, pretrained)
@@ -431,7 +434,8 @@ def make_task(config, mesh) -> Task:
     return evaluator(state.params, splits + final if at_end else splits)
 
   return Task(init=make_init(config, model, tx, pretrained),
-              train_step=make_train_step(config, model, tx, schedule),
+              train_step=make_train_step(config, model, tx, schedule,
+                                         simla_train.batch_shards(config, mesh)),
               train_data=train_data, evaluate=evaluate,
               loss_keys=("loss",) + LOSSES)
 

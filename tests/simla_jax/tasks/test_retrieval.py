@@ -75,6 +75,20 @@ def test_hard_negatives_never_share_the_image_id():
     assert set(neg[:, 0]) == {2, 3}
 
 
+def test_device_negatives_stay_in_their_shard_and_skip_the_same_id():
+  # 2 shards of 3 rows; in shard 0 rows 0 and 1 share an id, so row 0's only candidate
+  # is row 2 although row 3 (another shard) is far more similar.
+  idx = jnp.array([5, 5, 6, 7, 8, 9])
+  sims = jnp.zeros((6, 6)).at[:, 3].set(20.0)
+  keys = jax.random.split(jax.random.key(1), 500)
+  neg_t, neg_i = jax.vmap(
+      lambda k: rt.sample_negatives_excluding_ids(k, sims, sims, idx, shards=2))(keys)
+  for neg in (np.asarray(neg_t), np.asarray(neg_i)):
+    assert np.all(neg[:, 0] == 2) and np.all(neg[:, 1] == 2)
+    assert np.all(neg[:, :3] < 3) and np.all(neg[:, 3:] >= 3)
+    assert not np.any(np.asarray(idx)[neg] == np.asarray(idx)[None])
+
+
 def test_id_queue_follows_the_feature_queue_unless_frozen():
   extras = dict(image_queue=jnp.zeros((8, 3)), text_queue=jnp.zeros((8, 3)),
                 queue_ptr=jnp.int32(6), idx_queue=jnp.full((8,), rt.IDX_QUEUE_INIT, jnp.int32))
@@ -107,6 +121,7 @@ def _config(workdir, **data):
   c.batch_size = 8
   c.queue_size = 16
   c.eval.update(k_test=4, batch_size=8)
+  c.itm.negatives_from = "global"   # 8 rows over 8 fake devices: 1 per shard
   c.progress_bar = False
   return c
 
