@@ -19,6 +19,7 @@ FAMILIES = {
     "simla": "simla_jax.train",
     "mvcom": "face_jax.train",
     "simla_retrieval": "simla_jax.tasks.retrieval",
+    "simla_ve": "simla_jax.tasks.ve",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

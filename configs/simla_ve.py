@@ -1,0 +1,101 @@
+"""SIMLA visual entailment fine-tuning (official VE.py).
+
+  python run.py --config=configs/simla_ve.py          # shapes world, from runs/simla
+  python run.py --config=configs/simla_ve.py --config.text_only=True   # image zeroed
+  python run.py --config=configs/simla_ve.py:snli_ve --config.init.checkpoint=simla_4m.pth \
+      --config.data.tokenizer.vocab_file=bert-base-uncased/vocab.txt \
+      --config.data.ve.files.train=ve_train.json --config.data.ve.files.val=ve_dev.json \
+      --config.data.ve.files.test=ve_test.json --config.data.ve.image_root=flickr30k-images
+
+Variants: default (shapes-world hypotheses from the scene graph; starts from the
+workdir the README's pretraining command writes), snli_ve (official recipe: 384 px,
+AdamW lr 2e-5 with a 100-step warmup from 1e-5, cosine to 1e-6, 5 epochs, distillation
+alpha 0.4). `init.checkpoint`: a workdir of this project (its config.json defines the
+model) or an official .pth (the model is `config.model`).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import simla_model
+from simla_jax.data import default_data_config
+
+SNLI_VE_TRAIN_PAIRS = 529_527   # records of the official ve_train.json
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  if variant not in ("default", "snli_ve"):
+    raise ValueError(f"configs/simla_ve.py: unknown variant {variant!r} (default | snli_ve)")
+  c = common.base()
+  c.family = "simla_ve"
+  c.seed = 0
+  c.init = ml_collections.ConfigDict(dict(
+      checkpoint="runs/simla",        # workdir of `python run.py --config=configs/simla.py`
+  ))
+  c.data = default_data_config()
+  c.data.mim.num_masking_patches = 0  # fine-tuning reads no MIM mask
+  c.data.ve = ml_collections.ConfigDict(dict(
+      files=ml_collections.ConfigDict(dict(train="", val="", test="")),  # official VE JSON
+      image_root="",                  # <image_root>/<flickr id>.jpg
+      check_images=True,              # look for every image before training
+  ))
+  # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
+  c.model = simla_model.model_config("base")
+  c.distill = True                    # momentum distillation (official `distill: True`)
+  c.alpha = 0.4
+  c.alpha_warmup_steps = 0            # linear ramp 0 -> alpha over the first epoch
+  c.text_only = False                 # True: images zeroed (the text-only baseline)
+  c.train_images = 0                  # shapes world: train images (3 hypotheses each)
+  c.eval = ml_collections.ConfigDict(dict(
+      splits=("val",),                # read during training (model selection)
+      final_splits=("test",),         # scored once, after the last step
+      batch_size=128,
+  ))
+  c.optimizer.name = "adamw"
+  c.optimizer.weight_decay = 0.02
+  c.optimizer.no_decay = (r".*bias$", r".*scale$")
+  c.optimizer.schedule.name = "cosine"
+
+  if variant == "snli_ve":
+    c.data.name = "snli_ve"
+    c.data.image_size = 384
+    c.model.image_size = 384          # pretraining positions are interpolated to 24x24
+    c.data.max_len = 40               # official: longest in batch, pre_caption's 30 words
+    c.data.tokenizer.vocab_file = ""  # set: bert-base-uncased vocab.txt
+    c.data.aug.crop_scale = (0.5, 1.0)
+    c.data.aug.flip_swap = ()         # the official transform flips without touching text
+    c.data.aug.translate_const = 10.0
+    c.data.loader.update(worker_count=8, num_threads=8, prefetch_buffer_size=256)
+    c.init.checkpoint = ""            # required: an official .pth or a workdir
+    c.batch_size = 256                # VE.yaml: 32 per GPU, 8 GPUs
+    c.eval.batch_size = 64
+    steps_per_epoch = SNLI_VE_TRAIN_PAIRS // c.batch_size
+    c.total_steps = 5 * steps_per_epoch
+    c.alpha_warmup_steps = steps_per_epoch
+    c.optimizer.lr = 2e-5
+    c.optimizer.schedule.update(warmup_steps=100, warmup_init_lr=1e-5, end_lr=1e-6)
+    c.log_every_steps = 100
+    c.eval_every_steps = steps_per_epoch
+    c.checkpoint_every_steps = 1000
+    return c
+
+  # Shapes world, CPU-sized: fine-tunes the default pretraining run (runs/simla).
+  c.data.image_size = 64
+  c.data.max_len = 20                 # the longest hypothesis is 14 words
+  c.data.shapes.update(val_size=200, test_size=200)   # 600 hypotheses each
+  # Whole image (a crop could cut an object out of a count), flips with left / right
+  # swapped in the hypothesis, no RandAugment (its colour ops could change a colour word).
+  c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
+  c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
+  c.train_images = 2000               # 6,000 hypotheses: an epoch = 187 steps
+  c.batch_size = 32
+  c.total_steps = 300
+  c.alpha_warmup_steps = 187
+  c.optimizer.lr = 1e-3               # val-selected over {1e-4, 1e-3} (README)
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.schedule.update(warmup_steps=20, end_lr=1e-5)
+  c.log_every_steps = 25
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 300
+  return c
