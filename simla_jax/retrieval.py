@@ -20,6 +20,7 @@ from simla_jax.data import pipeline
 from simla_jax.data import shapes
 from simla_jax.data.tokenizer import pre_caption
 from simla_jax.models import SIMLA
+from train_jax.sharding import to_host
 
 FLOOR = -100.0
 
@@ -91,12 +92,13 @@ class Evaluator:
     """(image_seq (N, 1+P, D), image_feat (N, E), text_feat (M, E)) as numpy."""
     seqs, img_feats, txt_feats = [], [], []
     for b in data.image_batches(self.batch_size):
-      seq, feat = self._encode_images(params, b["image"])
-      seqs.append(np.asarray(seq)[b["valid"]])
-      img_feats.append(np.asarray(feat)[b["valid"]])
+      # to_host: under FSDP over several processes the outputs span other hosts' devices.
+      seq, feat = to_host(self._encode_images(params, b["image"]))
+      seqs.append(seq[b["valid"]])
+      img_feats.append(feat[b["valid"]])
     for b in data.text_batches(self.batch_size):
-      feat = self._encode_texts(params, b["text_ids"], b["text_mask"])
-      txt_feats.append(np.asarray(feat)[b["valid"]])
+      feat = to_host(self._encode_texts(params, b["text_ids"], b["text_mask"]))
+      txt_feats.append(feat[b["valid"]])
     return np.concatenate(seqs), np.concatenate(img_feats), np.concatenate(txt_feats)
 
   def _itm_scores(self, params, pairs: np.ndarray, data, image_seq) -> np.ndarray:
@@ -108,7 +110,7 @@ class Evaluator:
       pad = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)])
       logits = self._match(params, data.text_ids[pad[:, 1]], data.text_mask[pad[:, 1]],
                            image_seq[pad[:, 0]])
-      out[start:start + len(chunk)] = np.asarray(logits)[:len(chunk)]
+      out[start:start + len(chunk)] = to_host(logits)[:len(chunk)]
     return out
 
   def scores(self, params, data):
@@ -138,8 +140,8 @@ class Evaluator:
       for name, (ids, mask) in (("caption", pairs.caption), ("foil", pairs.foil)):
         ids_b, mask_b = _padded(ids, start, bs), _padded(mask, start, bs)
         txt = self._encode_texts(params, ids_b, mask_b)
-        itc[name].append(np.sum(np.asarray(img) * np.asarray(txt), -1)[:keep])
-        itm[name].append(np.asarray(self._match(params, ids_b, mask_b, image_seq))[:keep])
+        itc[name].append(np.sum(to_host(img) * to_host(txt), -1)[:keep])
+        itm[name].append(to_host(self._match(params, ids_b, mask_b, image_seq))[:keep])
     wins = lambda s: 100.0 * float(np.mean(np.concatenate(s["caption"]) >
                                            np.concatenate(s["foil"])))
     return {"itm_acc": wins(itm), "itc_acc": wins(itc)}

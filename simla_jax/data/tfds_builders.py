@@ -417,8 +417,9 @@ class TfdsCaptionSource:
     out = {"image": decode_image(r["image"], f"{self.where(index)} ({path})"),
            "captions": tfds_build.texts(r["captions"]), "index": index, "path": path}
     for key in ("image_id", "background"):
-      if key in r:
-        out[key] = tfds_build.text(r[key])
+      value = tfds_build.text(r[key]) if key in r else ""
+      if value:   # "" stores "absent" (a pretraining caption list has no image_id)
+        out[key] = value
     for key in ("phrases", "keywords"):
       if key in r:
         out[key] = tfds_build.texts(r[key])

@@ -191,7 +191,7 @@ def test_orbax_checkpoint_of_the_iterator(tmp_path):
   ahead = [next(it)["label"].tolist() for _ in range(4)]
   resumed = iter(ds)
   ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1)
-  ckpt.restore(1, {"w": jnp.zeros(3)}, resumed)
+  assert ckpt.restore_latest({"w": jnp.zeros(3)}, resumed)[0] == 1
   ckpt.close()
   assert [next(resumed)["label"].tolist() for _ in range(4)] == ahead
   assert (resumed.bad_records, resumed.seen_records) == (it.bad_records, it.seen_records)
