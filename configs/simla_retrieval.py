@@ -103,7 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.queue_size = 256
   c.total_steps = 300
   c.alpha_warmup_steps = 300
-  c.optimizer.lr = 1e-4
+  # Chosen on val (seed 0, r_mean after 300 steps): 3e-4 58.2, 1e-4 54.4, 3e-5 53.1.
+  c.optimizer.lr = 3e-4
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.schedule.end_lr = 1e-5
   c.log_every_steps = 25

@@ -133,6 +133,8 @@ class BinEvaluator:
     from face_jax import train  # circular at import time
     if self.last_results is None:
       self(state)
+    if jax.process_index() != 0:   # every process evaluates; process 0 writes
+      return
     results = self.last_results
     if results:
       plots.roc_curves(results, os.path.join(workdir, "roc_bins.png"), title="ROC per pack")

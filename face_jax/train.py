@@ -314,6 +314,8 @@ class SyntheticEvaluator:
   def finish(self, state, workdir: str) -> None:
     if self.last_results is None:
       self(state)
+    if jax.process_index() != 0:   # every process evaluates; process 0 writes
+      return
     results = self.last_results
     os.makedirs(workdir, exist_ok=True)
     plots.roc_curves({k: results[k] for k in self.group_cells},

@@ -33,12 +33,15 @@ def _unnormalize(image: np.ndarray, transform) -> np.ndarray:
   return np.clip(image * np.asarray(transform.std) + np.asarray(transform.mean), 0, 1)
 
 
-def retrieval_grid(evaluator, params, path: str, split: str | None = None,
+def retrieval_grid(evaluator, params, path: str | None, split: str | None = None,
                    queries: int = 4, top: int = 5) -> None:
-  """Text-to-image retrieval: a row per query caption, its top images (green = correct)."""
+  """Text-to-image retrieval: a row per query caption, its top images (green = correct).
+  `path` None: score only (a process other than 0 of a multi-process run)."""
   split = split or next(iter(evaluator.data))
   data = evaluator.data[split]
   _, _, score_t2i = evaluator.scores(params, data)
+  if path is None:
+    return
   texts = np.linspace(0, data.num_texts - 1, queries).astype(int)
   fig, axes = plt.subplots(queries, top, figsize=(2 * top, 2.3 * queries), squeeze=False)
   for row, t in enumerate(texts):

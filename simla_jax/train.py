@@ -257,9 +257,13 @@ def make_task(config, mesh) -> Task:
 
   def finish(state, workdir):
     from simla_jax import plots
-    plots.loss_curves(workdir, LOSSES, os.path.join(workdir, "losses.png"))
-    plots.retrieval_grid(evaluator, state.params, os.path.join(workdir, "retrieval.png"))
-    print(f"Plots: {workdir}/losses.png, {workdir}/retrieval.png")
+    main = jax.process_index() == 0
+    # Every process scores the grid (the params may span other hosts' devices); 0 writes.
+    plots.retrieval_grid(evaluator, state.params,
+                         os.path.join(workdir, "retrieval.png") if main else None)
+    if main:
+      plots.loss_curves(workdir, LOSSES, os.path.join(workdir, "losses.png"))
+      print(f"Plots: {workdir}/losses.png, {workdir}/retrieval.png")
 
   return Task(init=init,
               train_step=make_train_step(config, model, tx, schedule, tokenizer, targeter,

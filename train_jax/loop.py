@@ -200,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f"Received {preempted}: saved a checkpoint at step {step} in "
             f"{workdir}/checkpoints; rerun the same command to resume.", flush=True)
     return state
-  if task.finish is not None and is_main:
+  if task.finish is not None:   # every process: it may compute with the sharded state
     task.finish(state, workdir)
   if is_main:
     print(f"Done at step {step}. Metrics: {writer.path}  TensorBoard: {workdir}/tensorboard  "

@@ -30,7 +30,9 @@ class Task:
                batches (dicts of numpy arrays). The loop makes global arrays of them
                and checkpoints its state next to the train state.
   evaluate:    optional (state) -> {name: float}, written as "eval/<name>".
-  finish:      optional (state, workdir) -> None, run once at the end (plots, tables).
+  finish:      optional (state, workdir) -> None, run once at the end (plots, tables) on
+               every process, since it may compute with the sharded state; only
+               process 0 writes files.
   batch_spec:  optional {key: PartitionSpec} for batch entries that are not simply
                split over (data, fsdp) on their leading axis.
   host_metrics: optional () -> {name: float} read on the host at log steps and
