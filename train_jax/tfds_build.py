@@ -24,7 +24,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Iterator, Mapping, Optional
+import sys
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -312,3 +313,23 @@ def parse_options(items) -> dict[str, Any]:
       out[key] = value
   return out
 
+
+def cli_main(parser, resolve: Callable, build: Callable, read_hint: Callable[[str, Any, str], str],
+             argv: Optional[Sequence[str]] = None) -> int:
+  """The body of a family's build command: parse, resolve, build, print the summary.
+
+  `resolve(args) -> (builder name, config)`, `build(builder, config, out, overwrite) -> summary`,
+  `read_hint(builder, config, out)` -> how a run reads the result. Returns the exit status: 1 when
+  the inputs are missing or bad (the message names them), 0 otherwise.
+  """
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  args = parser.parse_args(argv)
+  try:
+    builder, config = resolve(args)
+    built = build(builder, config, args.out, args.overwrite)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"build failed: {e}", file=sys.stderr)
+    return 1
+  print(format_summary(built))
+  print(f"read it with: {read_hint(builder, config, args.out)}")
+  return 0

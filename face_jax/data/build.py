@@ -19,7 +19,6 @@ split and the config keys that read the result. Exit status 1 when the build fai
 
 import argparse
 import glob
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -85,24 +84,16 @@ def resolve(args: argparse.Namespace):
   return builder, config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  args = parser().parse_args(argv)
-  try:
-    builder, config = resolve(args)
-    summary = tfds_builders.build(builder, config, args.out, args.overwrite)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"build failed: {e}", file=sys.stderr)
-    return 1
-  print(tfds_build.format_summary(summary))
+def read_hint(builder: str, config, out: str) -> str:
   if builder == "face_synthetic":  # the synthetic training path renders on the fly
-    print(f"read it with: train_jax.tfds_build.open_split({args.out!r}, "
-          f"'{builder}/{config.name}', split)")
-  else:
-    key = "tfds_val_name" if builder == "face_verification" else "tfds_name"
-    print(f"read it with: --config.data.source=tfds --config.data.tfds_dir={args.out} "
+    return f"train_jax.tfds_build.open_split({out!r}, '{builder}/{config.name}', split)"
+  key = "tfds_val_name" if builder == "face_verification" else "tfds_name"
+  return (f"--config.data.source=tfds --config.data.tfds_dir={out} "
           f"--config.data.{key}={builder}/{config.name}")
-  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return tfds_build.cli_main(parser(), resolve, tfds_builders.build, read_hint, argv)
 
 
 if __name__ == "__main__":

@@ -105,19 +105,13 @@ def resolve(args: argparse.Namespace) -> tuple[str, Any]:
   return builder, config
 
 
+def read_hint(builder: str, config: Any, out: str) -> str:
+  return (f"--config.data.source=tfds --config.data.tfds_dir={out} "
+          f"--config.data.tfds_name={builder}/{config.name}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  args = parser().parse_args(argv)
-  try:
-    builder, config = resolve(args)
-    summary = tfds_builders.build(builder, config, args.out, args.overwrite)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"build failed: {e}", file=sys.stderr)
-    return 1
-  print(tfds_build.format_summary(summary))
-  print(f"read it with: --config.data.source=tfds --config.data.tfds_dir={args.out} "
-        f"--config.data.tfds_name={builder}/{config.name}")
-  return 0
+  return tfds_build.cli_main(parser(), resolve, tfds_builders.build, read_hint, argv)
 
 
 if __name__ == "__main__":
