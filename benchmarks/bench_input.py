@@ -13,7 +13,7 @@ Pipelines (each the one the training run uses, on data made here, nothing downlo
                   made here (480x640, quality 90; a generated vocab.txt); batch 64, text 30
   simla_base_tfds simla_base with the same files built into a TFDS array_record dataset
                   (simla_jax.data.build's builder) and read with data.source="tfds"
-  face_synthetic  face_jax.train's synthetic biased faces with the meta batch (configs/mvcom.py)
+  face_synthetic  face_jax.synthetic_task's synthetic biased faces with the meta batch (configs/mvcom.py)
   face_rec        face_jax.data.pipeline.train_dataset over an insightface .rec written here
                   (112 px JPEGs, benchmarks/bench_face_input.py's fixture), batch 128
   face_rec_tfds   face_rec with that .rec built into a TFDS face_recordio dataset
@@ -120,12 +120,12 @@ def simla(name: str, threads: int, tmp: str):
 
 def face_synthetic(threads: int):
   from configs import mvcom as mvcom_config
-  from face_jax import train as face_train
+  from face_jax import synthetic_task
   from face_jax.data import synthetic
   c = mvcom_config.get_config(None)
   faces = synthetic.SyntheticFaces(c.data, c.seed)
-  it = face_train.batch_iterator(face_train.SyntheticBatches(c, faces, with_meta=True),
-                                 prefetch=threads)
+  it = synthetic_task.batch_iterator(
+      synthetic_task.SyntheticBatches(c, faces, with_meta=True), prefetch=threads)
   # Examples of the training batch (the meta batch comes with it).
   return c.batch_size, lambda: len(next(it)["label"]), it
 

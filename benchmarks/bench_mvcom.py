@@ -9,7 +9,7 @@ batch 128, meta batch 64, 600 identities), r18 / r50 / r100 (insightface IResNet
 112 px, embedding 512; batch 128, meta batch 64, --classes identities, default 10000).
 
 Rows, each jitted as the loop jits it (state donated) on one synthetic batch:
-  plain          face_jax.train.Steps.train_step with method "plain" (CosFace, m0)
+  plain          face_jax.steps.Steps.train_step with method "plain" (CosFace, m0)
   mvcom          the same with method "mvcom", meta_every 1: virtual SGD step, meta loss
                  on the meta batch, meta-gradient into the margin model, real step
   mvcom shared   a prototype of the same step that runs the backbone forward at theta once
@@ -46,7 +46,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bench_matmul import peak_rate  # noqa: E402
 from configs import mvcom as mvcom_config  # noqa: E402
 from face_jax import meta as meta_lib  # noqa: E402
-from face_jax import train as face_train  # noqa: E402
+from face_jax import steps as face_steps  # noqa: E402
 from train_jax import optimizers, sharding  # noqa: E402
 
 SIZES = ("default", "r18", "r50", "r100")
@@ -71,7 +71,7 @@ def make_config(size: str, method: str, batch: int | None, meta_batch: int | Non
 
 
 def synthetic_batch(c, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Training and meta batch with the keys of face_jax.train.SyntheticBatches."""
+  """Training and meta batch with the keys of face_jax.synthetic_task.SyntheticBatches."""
   rng = np.random.default_rng(seed)
   s, ch = c.data.image_size, c.data.channels
 
@@ -85,7 +85,7 @@ def synthetic_batch(c, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]
   return {**part(c.batch_size), **part(c.data.meta_batch_size, "meta_")}
 
 
-def shared_forward_step(steps: face_train.Steps):
+def shared_forward_step(steps: face_steps.Steps):
   """MvCoM step (meta_every 1) with one backbone forward at theta for all three uses."""
   cfg = steps.config
 
@@ -161,7 +161,7 @@ def build(args, scan_layers: bool):
     c = make_config(args.size, method, args.batch, args.meta_batch, args.classes, args.dtype,
                     args.remat, scan_layers)
     tx, schedule = optimizers.make_optimizer(c.optimizer, c.total_steps)
-    steps = face_train.Steps(c, face_train.build_model(c, int(c.data.num_train_ids)), tx,
+    steps = face_steps.Steps(c, face_steps.build_model(c, int(c.data.num_train_ids)), tx,
                              schedule)
     variants[method] = (c, steps)
   return variants

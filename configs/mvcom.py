@@ -69,7 +69,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       pose_ramp=0.5,             # illumination ramp amplitude
       occlusion_fraction=0.4,    # of the image height
       blur_sigma=1.2,            # px
-      # --- real faces (face_jax/data/pipeline.py, face_jax/real_data.py) ---
+      # --- real faces (face_jax/data/pipeline.py, face_jax/real_data_task.py) ---
       rec_prefix="",             # .../faces_emore/train -> train.rec, train.idx, property
       image_root="",             # or root/<identity>/<image> (when rec_prefix is "")
       meta_rec_prefix="",        # held-out images of training identities (mvcom, l2rw)

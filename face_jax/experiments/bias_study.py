@@ -5,7 +5,7 @@
   python -m face_jax.experiments.bias_study --table_from=a.json,b.json   # table only
 
 Each arm is a variant of configs/mvcom.py ("mvcom" = the default); every run uses the
-task's own train_step and evaluator (face_jax/train.py), trains `steps` steps from seed s
+task's own train_step and evaluator (face_jax/steps.py, face_jax/evaluators.py), trains `steps` steps from seed s
 (data world, init and sampling all from s) and evaluates the synthetic test pairs. The
 table gives mean +- std over seeds of each group's accuracy, the worst group, the
 max-min gap and the per-variation accuracies, plus wall time per run.

@@ -12,25 +12,21 @@ accounting). On top of them this module adds what MvCoM needs:
   meta batch   from a second pack of held-out images of training identities,
                `data.meta_rec_prefix`, keys prefixed `meta_` (methods mvcom, l2rw)
 
-Evaluation: every `data.val_bins` pack with the LFW protocol; the packs named in
+Evaluation (face_jax/evaluators.py BinEvaluator): every `data.val_bins` pack with the LFW protocol; the packs named in
 `data.group_bins` (e.g. RFW's African/Asian/Caucasian/Indian) also give the worst
 group and the max-min gap.
 """
 
-import json
-import os
 from typing import Any, Mapping, Optional
 
 import grain
-import jax
 import numpy as np
 
-from face_jax import evaluate as evaluate_lib
+from face_jax import evaluators
 from face_jax import mvcom as mvcom_lib
-from face_jax import plots
+from face_jax import steps as steps_lib
 from face_jax.data import pipeline
 from face_jax.data import variations
-from train_jax import sharding
 from train_jax.task import Task
 
 
@@ -96,67 +92,6 @@ class AttributeIterator(grain.DatasetIterator):
     return out
 
 
-class BinEvaluator:
-  """LFW-protocol accuracy on each verification pack; worst group over `group_bins`."""
-
-  def __init__(self, config, steps):
-    self.config, self.steps = config, steps
-    self._packs = None
-    self.last_results: Optional[dict] = None
-    self.history: list[dict] = []
-
-  @property
-  def packs(self):
-    if self._packs is None:   # loaded on first use, then kept (a few thousand pairs each)
-      self._packs = {name: (pipeline.normalize(images), issame)
-                     for name, (images, issame) in pipeline.load_val_bins(self.config.data).items()}
-    return self._packs
-
-  def __call__(self, state) -> dict[str, float]:
-    fn = lambda x: sharding.to_host(self.steps.embed_fn(state.params, state.extras["batch_stats"], x))
-    results = {}
-    for name, (images, issame) in self.packs.items():
-      emb = evaluate_lib.embed_images(fn, images, self.config.eval.batch_size, flip=self.config.eval.flip)
-      results[name] = evaluate_lib.verification(emb[0::2], emb[1::2], issame,
-                                                n_folds=self.config.eval.n_folds,
-                                                far_targets=tuple(self.config.eval.far_targets))
-    self.last_results = results
-    groups = [g for g in self.config.data.group_bins if g in results]
-    if "margin" in state.extras:
-      offsets = mvcom_lib.factor_offsets(jax.device_get(state.extras["margin"]),
-                                         self.config.mvcom.bound, self.config.mvcom.class_bound)
-      self.history.append({"step": int(jax.device_get(state.step)),
-                           **{k: v.tolist() for k, v in offsets.items()}})
-    return evaluate_lib.summarize(results, groups)
-
-  def finish(self, state, workdir: str) -> None:
-    from face_jax import train  # circular at import time
-    if self.last_results is None:
-      self(state)
-    if jax.process_index() != 0:   # every process evaluates; process 0 writes
-      return
-    results = self.last_results
-    if results:
-      plots.roc_curves(results, os.path.join(workdir, "roc_bins.png"), title="ROC per pack")
-    history = train.margin_history(workdir) or self.history
-    if history:
-      plots.margin_history(history, os.path.join(workdir, "margins.png"))
-    groups = [g for g in self.config.data.group_bins if g in results]
-    summary = evaluate_lib.summarize(results, groups)
-    table = evaluate_lib.format_table(
-        {n: {"acc": r["accuracy"], "std": r["accuracy_std"],
-             **{k: v for k, v in r.items() if k.startswith("tar@")}} for n, r in results.items()},
-        ["acc", "std"] + [f"tar@far={f:g}" for f in self.config.eval.far_targets])
-    if groups:
-      table += (f"\nworst group {100 * summary['acc_worst_group']:.2f}  "
-                f"gap {100 * summary['group_gap']:.2f}")
-    print(table, flush=True)
-    with open(os.path.join(workdir, "eval_table.txt"), "w") as f:
-      f.write(table + "\n")
-    with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-
-
 def _meta_config(config):
   meta = config.copy_and_resolve_references()
   with meta.unlocked():
@@ -171,7 +106,6 @@ def _meta_config(config):
 
 def make_task(config, tx, schedule) -> Task:
   """The face task over `config.data.rec_prefix` / `image_root` and `val_bins`."""
-  from face_jax import train  # circular at import time
   data = config.data
   source = pipeline.make_source(data)
   num_classes = source.num_classes
@@ -192,7 +126,7 @@ def make_task(config, tx, schedule) -> Task:
     raise ValueError("config.data.sampling: group-balanced sampling is implemented for the "
                      "synthetic data only")
   meta_it = None
-  if train.uses_meta_batch(config):
+  if steps_lib.uses_meta_batch(config):
     if not data.meta_rec_prefix and not (data.get("source") == "tfds" and data.tfds_meta_split):
       raise ValueError(f"config.method={config.method!r} needs a meta set: set "
                        "config.data.meta_rec_prefix (held-out images of training identities) "
@@ -200,9 +134,9 @@ def make_task(config, tx, schedule) -> Task:
     meta_it = pipeline.train_iterator(_meta_config(config))
   it = AttributeIterator(pipeline.train_iterator(config, source), meta_it, data, config.seed,
                          mvcom_lib.class_prior(counts), group_of_class)
-  steps = train.Steps(config, train.build_model(config, num_classes), tx, schedule)
+  steps = steps_lib.Steps(config, steps_lib.build_model(config, num_classes), tx, schedule)
   size = ((data.image_size,) * 2 if isinstance(data.image_size, int) else tuple(data.image_size))
-  evaluator = BinEvaluator(config, steps)
+  evaluator = evaluators.BinEvaluator(config, steps)
   return Task(init=lambda rng: steps.init(rng, (*size, 3)), train_step=steps.train_step,
               train_data=it, evaluate=evaluator, finish=evaluator.finish,
               host_metrics=it.host_metrics)

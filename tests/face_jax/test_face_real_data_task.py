@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import mvcom as mvcom_config
-from face_jax import real_data, train
+from face_jax import train
 from face_jax.data import recordio, verification
 
 SIZE, CLASSES = 16, 6

@@ -1,0 +1,228 @@
+"""The face task's model and pure step functions, shared by the synthetic and real tasks.
+
+Methods (config.method), all with the same model, data, step and evaluation code:
+  plain                CosFace / ArcFace with the base margin m0 (config.loss)
+  fixed_group_margins  m_i = m0 + config.fixed_group_margins[group_i]
+  mvcom                m_i from the additive margin model (face_jax/mvcom.py), whose
+                       parameters are meta-learned through a virtual SGD step on the
+                       held-out balanced meta set (face_jax/meta.py)
+  l2rw                 m0, and per-sample loss weights from learning-to-reweight
+Group-balanced sampling is `config.data.sampling = "group_balanced"`.
+
+State: params = model parameters (backbone, classifier, attribute heads); extras =
+{"batch_stats": BatchNorm statistics, "margin": margin-model parameters,
+"margin_opt": their Adam state}. A step of `mvcom`:
+  1. every `meta_every` steps: phi <- Adam(grad_phi L_meta(theta - lr * grad_theta
+     L_train(theta, phi))), lr = the current learning rate; the virtual passes use batch
+     statistics and their BatchNorm updates are discarded;
+  2. the real step on theta with the margins m(phi) just updated, which alone writes the
+     BatchNorm statistics.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from face_jax import margins as margins_lib
+from face_jax import meta as meta_lib
+from face_jax import mvcom as mvcom_lib
+from face_jax.models import iresnet
+from face_jax.models.face import FaceModel
+from train_jax.state import TrainState
+
+METHODS = ("plain", "fixed_group_margins", "mvcom", "l2rw")
+SLOTS = ("m1", "m2", "m3")
+
+
+# --- model ------------------------------------------------------------------------------
+
+def build_model(config, num_classes: int) -> FaceModel:
+  m = config.model
+  kwargs = dict(widths=tuple(m.widths), embed_dim=m.embed_dim, dropout=m.dropout,
+                dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.scan_layers)
+  backbone = (iresnet.iresnet(m.arch, **kwargs) if m.arch
+              else iresnet.IResNet(layers=tuple(m.layers), **kwargs))
+  heads = (sum(n for _, n in config.mvcom.factors)
+           if config.method == "mvcom" and config.mvcom.attributes == "predicted" else 0)
+  return FaceModel(backbone=backbone, num_classes=num_classes, attribute_dims=heads)
+
+
+def check_config(config) -> None:
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r}; known: {', '.join(METHODS)}")
+  if config.loss.margin_slot not in SLOTS:
+    raise ValueError(f"config.loss.margin_slot={config.loss.margin_slot!r}; known: {SLOTS}")
+  if config.mvcom.attributes not in ("oracle", "predicted"):
+    raise ValueError(f"config.mvcom.attributes={config.mvcom.attributes!r}; known: oracle, predicted")
+  if config.data.sampling not in ("uniform", "group_balanced"):
+    raise ValueError(f"config.data.sampling={config.data.sampling!r}; known: uniform, group_balanced")
+  if config.mvcom.meta_every < 1:
+    raise ValueError("config.mvcom.meta_every must be >= 1")
+
+
+def uses_meta_batch(config) -> bool:
+  return config.method in ("mvcom", "l2rw")
+
+
+# --- losses and steps -------------------------------------------------------------------
+
+class Steps:
+  """The pure functions of the task, built once from the config.
+
+  Attributes set in __init__: model, margin_model, tx, schedule, meta_tx.
+  """
+
+  def __init__(self, config, model: FaceModel, tx: optax.GradientTransformation,
+               schedule: Callable[[Any], Any]):
+    check_config(config)
+    self.config, self.model, self.tx, self.schedule = config, model, tx, schedule
+    self.factors = tuple((str(n), int(k)) for n, k in config.mvcom.factors)
+    self.m0 = float(config.loss[config.loss.margin_slot])
+    self.margin_model = mvcom_lib.AdditiveMargin(
+        self.factors, base=self.m0, bound=config.mvcom.bound, class_bound=config.mvcom.class_bound)
+    self.meta_tx = optax.adamw(config.mvcom.meta_lr, weight_decay=config.mvcom.meta_weight_decay)
+
+  # -- init --
+
+  def init(self, rng, image_shape) -> TrainState:
+    """rng -> TrainState with boxed (logically partitioned) params."""
+    init_rng, state_rng = jax.random.split(rng)
+    variables = self.model.init({"params": init_rng, "dropout": init_rng},
+                                jnp.zeros((2, *image_shape), jnp.float32), train=False)
+    extras = {"batch_stats": variables["batch_stats"]}
+    if self.config.method == "mvcom":
+      attrs = {n: jnp.zeros((1, k), jnp.float32) for n, k in self.factors}
+      phi = self.margin_model.init(jax.random.key(0), attrs, jnp.zeros((1,)))["params"]
+      extras.update(margin=phi, margin_opt=self.meta_tx.init(phi))
+    return TrainState.create(params=variables["params"], tx=self.tx, rng=state_rng, extras=extras)
+
+  # -- pieces --
+
+  def forward(self, params, batch_stats, images, rng):
+    """Training-mode forward: (cos (b, c), attribute logits or None, new batch_stats)."""
+    (_, cos, attr), mutated = self.model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs={"dropout": rng})
+    return cos, attr, mutated["batch_stats"]
+
+  def logits(self, cos, labels, margin):
+    cfg = self.config.loss
+    slots = {k: float(cfg[k]) for k in SLOTS}
+    slots[cfg.margin_slot] = margin
+    return margins_lib.margin_logits(cos, labels, s=cfg.s, straight_through=cfg.straight_through,
+                                     **slots)
+
+  def attributes(self, batch, attr_logits, prefix=""):
+    if self.config.mvcom.attributes == "predicted":
+      return mvcom_lib.predicted_attributes(attr_logits, self.factors)
+    return mvcom_lib.oracle_attributes(batch, self.factors, prefix)
+
+  def margins(self, phi, batch, attr_logits):
+    """(b,) margins of the training batch (or the scalar m0)."""
+    method = self.config.method
+    if method == "mvcom":
+      m = self.margin_model.apply({"params": phi}, self.attributes(batch, attr_logits),
+                                  batch.get("class_prior"))
+      if self.config.mvcom.center:
+        # Only relative margins are learned: a common shift of all margins mostly acts
+        # as a larger step size, which a one-step look-ahead always prefers.
+        m = m - jnp.mean(m) + self.m0
+      return m
+    if method == "fixed_group_margins":
+      return mvcom_lib.fixed_group_margins(batch["group"], self.m0, self.config.fixed_group_margins)
+    return self.m0
+
+  def train_loss(self, params, batch_stats, batch, rng, phi, weights=None):
+    """Training-batch loss with the method's margins -> (loss, aux)."""
+    cos, attr, new_stats = self.forward(params, batch_stats, batch["image"], rng)
+    margin = self.margins(phi, batch, attr)
+    ce = margins_lib.cross_entropy(self.logits(cos, batch["label"], margin), batch["label"])
+    loss = jnp.mean(ce) if weights is None else jnp.sum(weights * ce)
+    attr_loss = jnp.zeros(())
+    if attr is not None:
+      attr_loss = jnp.mean(mvcom_lib.attribute_loss(attr, batch, self.factors))
+      loss = loss + self.config.mvcom.attr_loss_weight * attr_loss
+    accuracy = jnp.mean(jnp.argmax(cos, -1) == batch["label"])
+    margin = jnp.broadcast_to(jnp.asarray(margin, jnp.float32), ce.shape)
+    return loss, dict(batch_stats=new_stats, ce=ce, margin=margin, accuracy=accuracy,
+                      attr_loss=attr_loss)
+
+  def meta_loss(self, params, batch_stats, batch, rng):
+    """Plain-margin (m0) loss on the meta batch (keys prefixed `meta_`), batch statistics."""
+    cos, _, _ = self.forward(params, batch_stats, batch["meta_image"], rng)
+    labels = batch["meta_label"]
+    return jnp.mean(margins_lib.cross_entropy(self.logits(cos, labels, self.m0), labels))
+
+  def meta_objective(self, phi, state: TrainState, batch, rng):
+    """L_meta(theta - lr * grad_theta L_train(theta, phi)), lr = the current learning rate.
+
+    The virtual passes run in training mode (batch statistics); the BatchNorm statistics
+    they compute are dropped here, so only the real step writes them.
+    """
+    stats = state.extras["batch_stats"]
+    lr = self.schedule(state.step) * self.config.mvcom.virtual_lr_scale
+    train_loss = lambda theta, phi: self.train_loss(theta, stats, batch, rng, phi)[0]
+    meta_loss = lambda theta: self.meta_loss(theta, stats, batch, rng)
+    return meta_lib.lookahead_meta_loss(phi, state.params, train_loss, meta_loss, lr)
+
+  def meta_update(self, state: TrainState, batch, rng):
+    """One bilevel update of the margin parameters -> (phi, opt_state, meta loss)."""
+    value, grad = jax.value_and_grad(self.meta_objective)(state.extras["margin"], state, batch, rng)
+    updates, opt_state = self.meta_tx.update(grad, state.extras["margin_opt"], state.extras["margin"])
+    return optax.apply_updates(state.extras["margin"], updates), opt_state, value
+
+  def l2rw_weights(self, state: TrainState, batch, rng):
+    stats = state.extras["batch_stats"]
+    per_example = lambda theta: self.train_loss(theta, stats, batch, rng, None)[1]["ce"]
+    meta_loss = lambda theta: self.meta_loss(theta, stats, batch, rng)
+    return meta_lib.l2rw_weights(state.params, per_example, meta_loss)
+
+  # -- the step --
+
+  def train_step(self, state: TrainState, batch):
+    """(state, batch) -> (state, metrics). Pure; jitted by the loop."""
+    rng, step_rng = jax.random.split(state.rng)
+    extras = dict(state.extras)
+    metrics = {}
+    phi, weights = extras.get("margin"), None
+    if self.config.method == "mvcom":
+      k = int(self.config.mvcom.meta_every)
+      if k == 1:
+        phi, opt, meta_value = self.meta_update(state, batch, step_rng)
+      else:
+        phi, opt, meta_value = jax.lax.cond(
+            state.step % k == 0,
+            lambda: self.meta_update(state, batch, step_rng),
+            lambda: (extras["margin"], extras["margin_opt"], jnp.zeros((), jnp.float32)))
+      extras.update(margin=phi, margin_opt=opt)
+      metrics["meta_loss"] = meta_value
+      bound, cb = self.config.mvcom.bound, self.config.mvcom.class_bound
+      for name, a in phi.items():
+        offsets = (cb if name == "class" else bound) * jnp.tanh(jnp.atleast_1d(a))
+        for j in range(offsets.shape[0]):
+          metrics[f"margin_{name}{j if offsets.shape[0] > 1 else ''}"] = offsets[j]
+    elif self.config.method == "l2rw":
+      weights = self.l2rw_weights(state, batch, step_rng)
+      metrics["weight_max"] = jnp.max(weights)
+    grad_fn = jax.value_and_grad(self.train_loss, has_aux=True)
+    (loss, aux), grads = grad_fn(state.params, extras["batch_stats"], batch, step_rng, phi, weights)
+    extras["batch_stats"] = aux["batch_stats"]
+    new_state = state.apply_gradients(self.tx, grads, rng=rng, extras=extras)
+    metrics.update(loss=loss, ce=jnp.mean(aux["ce"]), accuracy=aux["accuracy"],
+                   margin_mean=jnp.mean(aux["margin"]), lr=self.schedule(state.step))
+    if self.model.attribute_dims:
+      metrics["attr_loss"] = aux["attr_loss"]
+    return new_state, metrics
+
+  # -- inference --
+
+  @functools.cached_property
+  def embed_fn(self):
+    """jitted (params, batch_stats, images) -> (b, d) embeddings."""
+    return jax.jit(lambda params, stats, x: self.model.apply(
+        {"params": params, "batch_stats": stats}, x, method=FaceModel.embed))
+
+
