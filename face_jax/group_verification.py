@@ -19,6 +19,7 @@ distance matrix is swept in row blocks: memory O(block * n + k), not O(n^2).
                         false-match rate over the pooled impostors; per group its FNMR and FMR,
                         and across groups their STD and skewed error ratio (max / min), the
                         way RFW (Wang et al. 2019) reports bias.
+  report                both from one sweep, as flat metric keys (what the evaluators log).
 """
 
 from typing import Mapping, Sequence
@@ -121,12 +122,19 @@ def tar_at_far_by_group(embeddings: np.ndarray, identities: np.ndarray, groups: 
   embeddings (n, d), identities (n,), groups (n,): the test images; every pair within a
   group is scored, and each group's threshold comes from its own impostor pairs.
   """
-  pairs = _group_pairs(embeddings, identities, groups, max(fars), block)
+  return _tar_rows(_group_pairs(embeddings, identities, groups, max(fars), block), fars)
+
+
+def _check_pairs(g, p: GroupPairs) -> None:
+  if len(p.genuine) == 0 or p.n_impostor == 0:
+    raise ValueError(f"group {g!r}: needs genuine and impostor pairs "
+                     f"({len(p.genuine)} genuine, {p.n_impostor} impostor)")
+
+
+def _tar_rows(pairs: Mapping[object, GroupPairs], fars: Sequence[float]) -> dict:
   out = {}
   for g, p in pairs.items():
-    if len(p.genuine) == 0 or p.n_impostor == 0:
-      raise ValueError(f"group {g!r}: needs genuine and impostor pairs "
-                       f"({len(p.genuine)} genuine, {p.n_impostor} impostor)")
+    _check_pairs(g, p)
     row = {"genuine_pairs": float(len(p.genuine)), "impostor_pairs": float(p.n_impostor)}
     for far in fars:
       t = p.threshold(far)
@@ -154,15 +162,17 @@ def global_threshold_errors(embeddings: np.ndarray, identities: np.ndarray, grou
   "fnmr_ser", "fmr_std", "fmr_ser", "fnmr_max_group"}. STD is the population standard
   deviation over groups, SER = max / min (`skewed_error_ratio`).
   """
-  pairs = _group_pairs(embeddings, identities, groups, fmr, block)
+  return _global_errors(_group_pairs(embeddings, identities, groups, fmr, block), fmr, threshold)
+
+
+def _global_errors(pairs: Mapping[object, GroupPairs], fmr: float,
+                   threshold: float | None = None) -> dict:
   if threshold is None:
     pooled = np.sort(np.concatenate([p.impostor_smallest for p in pairs.values()]))
     threshold = threshold_at(pooled, sum(p.n_impostor for p in pairs.values()), fmr)
   rows = {}
   for g, p in pairs.items():
-    if len(p.genuine) == 0 or p.n_impostor == 0:
-      raise ValueError(f"group {g!r}: needs genuine and impostor pairs "
-                       f"({len(p.genuine)} genuine, {p.n_impostor} impostor)")
+    _check_pairs(g, p)
     accepted = int(np.sum(p.impostor_smallest < threshold))
     if accepted == len(p.impostor_smallest) and accepted < p.n_impostor:
       raise ValueError(f"group {g!r}: threshold {threshold} accepts more impostors than the "
@@ -178,15 +188,29 @@ def global_threshold_errors(embeddings: np.ndarray, identities: np.ndarray, grou
           "fnmr_max_group": list(rows)[int(np.argmax(fnmr))]}
 
 
-def summarize(by_group: Mapping[object, Mapping[str, float]], errors: Mapping) -> dict[str, float]:
-  """Flat scalars for metric files: tar@far=<f>_group<g>, fnmr_group<g>, and the spreads."""
+def summarize(by_group: Mapping[object, Mapping[str, float]], errors: Mapping,
+              prefix: str = "") -> dict[str, float]:
+  """Flat scalars for metric files: <prefix>tar@far=<f>_group<g>, <prefix>fnmr_group<g>,
+  <prefix>fmr_group<g>, and <prefix>threshold / fnmr_std / fnmr_ser / fmr_std / fmr_ser."""
   out = {}
   for g, row in by_group.items():
     for k, v in row.items():
       if k.startswith("tar@far"):
-        out[f"{k}_group{g}"] = v
+        out[f"{prefix}{k}_group{g}"] = v
   for g, row in errors["groups"].items():
-    out[f"fnmr_group{g}"] = row["fnmr"]
-    out[f"fmr_group{g}"] = row["fmr"]
-  out.update({k: errors[k] for k in ("threshold", "fnmr_std", "fnmr_ser", "fmr_std", "fmr_ser")})
+    out[f"{prefix}fnmr_group{g}"] = row["fnmr"]
+    out[f"{prefix}fmr_group{g}"] = row["fmr"]
+  out.update({f"{prefix}{k}": errors[k]
+              for k in ("threshold", "fnmr_std", "fnmr_ser", "fmr_std", "fmr_ser")})
   return out
+
+
+def report(embeddings: np.ndarray, identities: np.ndarray, groups: np.ndarray,
+           fars: Sequence[float] = (1e-4, 1e-3), fmr: float = 1e-3, prefix: str = "allpairs_",
+           block: int = 1024) -> dict[str, float]:
+  """Both measurements from one sweep over the pairs, flattened by `summarize`.
+
+  The default prefix keeps these keys apart from the sampled-pair cells' `tar@far=..._group<g>`.
+  """
+  pairs = _group_pairs(embeddings, identities, groups, max(*fars, fmr), block)
+  return summarize(_tar_rows(pairs, fars), _global_errors(pairs, fmr), prefix)

@@ -102,3 +102,13 @@ def test_bad_input_is_named():
     gv.global_threshold_errors(emb, ids, groups, fmr=1e-3, threshold=3.9)
   with pytest.raises(ValueError, match="far=2 is not a rate"):
     gv.threshold_at(np.array([0.1]), 10, 2)
+
+
+def test_report_is_both_measurements_in_one_sweep():
+  emb, ids, groups = _faces(seed=2)
+  got = gv.report(emb, ids, groups, fars=(1e-2, 0.1), fmr=0.05, block=9)
+  want = gv.summarize(gv.tar_at_far_by_group(emb, ids, groups, (1e-2, 0.1)),
+                      gv.global_threshold_errors(emb, ids, groups, fmr=0.05), prefix="allpairs_")
+  assert got == pytest.approx(want)
+  assert {"allpairs_tar@far=0.01_group2", "allpairs_fnmr_group0", "allpairs_fnmr_ser",
+          "allpairs_threshold"} <= set(got)
