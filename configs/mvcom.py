@@ -114,7 +114,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
-      batch_size=500, n_folds=10, far_targets=(1e-3, 1e-2), flip=True))
+      batch_size=500, n_folds=10, far_targets=(1e-3, 1e-2), flip=True,
+      # every pair of each group's test images (face_jax/evaluators.py all_pairs_metrics)
+      all_pairs=True, group_fars=(1e-4, 1e-3), global_fmr=1e-3))
 
   for variant in [v for v in (arg or "").split(",") if v]:
     _apply_variant(c, variant)
