@@ -111,6 +111,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       meta_weight_decay=0.0,
       meta_every=1,              # bilevel update every k steps
       virtual_lr_scale=1.0,      # virtual step size = scale * current learning rate
+      meta_dtype="float32",      # meta passes compute in float32 (bf16 models too) | model
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
