@@ -180,3 +180,30 @@ def test_cli_reads_insightface_concatenated_features(tmp_path, capsys):
   want = ijb.evaluate(meta, feats, flips)
   assert summary["tar@far=0.01"] == want["tar@far=0.01"]
   assert '"tar@far=0.0001"' in capsys.readouterr().out
+
+
+def test_integer_files_convert_in_chunks_and_name_the_bad_line(tmp_path):
+  path = tmp_path / "pairs.txt"
+  rows = [f"{k} {k + 1} {k % 2}" for k in range(7)]
+  _write(path, rows)
+  t1, t2, label = ijb._parse_columns(str(path), "iii", chunk=2)
+  np.testing.assert_array_equal(t1, np.arange(7))
+  np.testing.assert_array_equal(label, np.arange(7) % 2)
+  rows[5] = "5 6 1.5"
+  _write(path, rows)
+  with pytest.raises(ValueError, match=r"pairs.txt:6: field 3 '1.5' is not an integer"):
+    ijb._parse_columns(str(path), "iii", chunk=2)
+  rows[5] = "5 6"
+  _write(path, rows)
+  with pytest.raises(ValueError, match=r"pairs.txt:6: expected 3 fields, got 2"):
+    ijb._parse_columns(str(path), "iii", chunk=4)
+
+
+def test_pair_with_a_template_without_features_is_named():
+  feats = np.eye(3)
+  ids, tfeats = ijb.template_features(feats, np.array([2, 5, 9]), np.array([1, 2, 3]))
+  np.testing.assert_allclose(ijb.pair_scores(ids, tfeats, np.array([2, 5]), np.array([9, 5])), [0, 1])
+  with pytest.raises(ValueError, match="pair 1 names template 7"):
+    ijb.pair_scores(ids, tfeats, np.array([2, 7]), np.array([9, 5]))
+  with pytest.raises(ValueError, match="pair 0 names template 10"):
+    ijb.pair_scores(ids, tfeats, np.array([10]), np.array([9]))
