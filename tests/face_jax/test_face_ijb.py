@@ -131,7 +131,6 @@ def test_malformed_meta_lines_name_file_and_line(tmp_path, name, line, match):
 
 
 def test_align_face_undoes_a_similarity_transform():
-  rng = np.random.default_rng(0)
   angle, scale, shift = 0.3, 1.7, np.array([20.0, 35.0])
   rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
   landmarks = ijb.ARCFACE_LANDMARKS @ rot.T + shift
@@ -147,7 +146,6 @@ def test_align_face_undoes_a_similarity_transform():
   aligned = ijb.align_face(loose, landmarks)
   inner = (slice(10, 102), slice(10, 102))
   assert np.mean(np.abs(aligned[inner].astype(float) - face[inner])) < 4.0
-  del rng
 
 
 def test_embed_protocol_reads_aligns_and_flips(tmp_path):
