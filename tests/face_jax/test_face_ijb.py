@@ -73,8 +73,10 @@ def test_synthetic_protocol_matches_a_loop(tmp_path):
   media_per_template = [len(np.unique(meta.medias[meta.templates == t]))
                         for t in np.unique(meta.templates)]
   assert (sizes == 1).any() and max(media_per_template) > 1 and sizes.max() > max(media_per_template)
-  out = ijb.evaluate(meta, feats, flips)
+  out = ijb.evaluate(meta, feats, flips, fars=(1e-3, 1e-2, 0.1))
   np.testing.assert_allclose(out["scores"], _loop_protocol(meta, feats, flips), atol=1e-12)
+  for far in (1e-3, 1e-2, 0.1):
+    assert out[f"tar@far={far:g}"] == _brute_force_exact(out["scores"], meta.pair_label, far)
   assert out["tar@far=0.1"] > 0.5       # subject codes dominate the noise
   assert out["genuine_pairs"] > 0 and out["impostor_pairs"] > 10 * out["genuine_pairs"]
 
