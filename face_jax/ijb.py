@@ -384,8 +384,13 @@ def parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--meta_dir", required=True, help="folder with the <target>_*.txt meta files")
   p.add_argument("--target", default="IJBC", help="IJBB or IJBC (file-name prefix)")
-  p.add_argument("--features", required=True,
+  p.add_argument("--features", default="",
                  help=".npy (n, d) image features in the meta files' image order")
+  p.add_argument("--workdir", default="",
+                 help="instead of --features: a face run whose newest checkpoint embeds the "
+                      "aligned --image_dir loose crops (and their mirror images)")
+  p.add_argument("--image_dir", default="", help="the loose crops (IJB's loose_crop folder)")
+  p.add_argument("--batch_size", type=int, default=64, help="embedding batch (--workdir)")
   p.add_argument("--flip_features", default="", help=".npy (n, d) features of the flipped images")
   p.add_argument("--concat_flip", action="store_true",
                  help="--features is (n, 2d) with the flipped image's features in the second "
@@ -400,12 +405,21 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parser().parse_args(argv)
   meta = load_meta(args.meta_dir, args.target)
-  feats = np.load(args.features, allow_pickle=False)
-  flips = np.load(args.flip_features, allow_pickle=False) if args.flip_features else None
-  if args.concat_flip:
-    if flips is not None or feats.ndim != 2 or feats.shape[1] % 2:
-      raise ValueError(f"--concat_flip: {args.features} must be (n, 2d) and --flip_features unset")
-    feats, flips = np.split(feats, 2, axis=1)
+  if bool(args.features) == bool(args.workdir):
+    raise ValueError("give --features or --workdir (with --image_dir)")
+  if args.workdir:
+    if not args.image_dir:
+      raise ValueError("--workdir needs --image_dir")
+    from face_jax import restore  # pylint: disable=import-outside-toplevel
+    embed, size = restore.load_embedder(args.workdir)
+    feats, flips = embed_protocol(embed, args.image_dir, meta, args.batch_size, size)
+  else:
+    feats = np.load(args.features, allow_pickle=False)
+    flips = np.load(args.flip_features, allow_pickle=False) if args.flip_features else None
+    if args.concat_flip:
+      if flips is not None or feats.ndim != 2 or feats.shape[1] % 2:
+        raise ValueError(f"--concat_flip: {args.features} must be (n, 2d) and --flip_features unset")
+      feats, flips = np.split(feats, 2, axis=1)
   result = evaluate(meta, feats, flips, use_face_scores=not args.no_face_scores,
                     normalize=args.normalize, method=args.method)
   if args.scores_out:
