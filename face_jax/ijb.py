@@ -17,10 +17,9 @@ The protocol, step by step:
   4. TAR at FAR 1e-6 .. 1e-1 (papers report 1e-5 and 1e-4). Here by default exactly: the
      threshold accepts at most floor(FAR * #impostor pairs) impostors (score strictly
      above the threshold is a match), as `face_jax.group_verification` does for distances.
-     `method="nearest"` reads insightface's table instead: the ROC point whose FPR is
-     nearest to the target (the larger TPR on ties); it can sit above the target FAR. Its
-     ROC keeps every threshold (sklearn's roc_curve drops collinear points), so on a few
-     pairs the two may pick different points; on IJB's millions of pairs they agree.
+     `method="nearest"` reads insightface's table instead: on sklearn's ROC (thresholds
+     at the distinct scores, collinear interior points dropped) the point whose FPR is
+     nearest to the target, the larger TPR on ties; it can sit above the target FAR.
 
 `write_synthetic` writes a small IJB-style set (several media per template, multi-frame
 media, single-image templates) in these formats, with its image features, for tests.
@@ -256,12 +255,20 @@ def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = F
   return out
 
 
-def roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(FPR, TPR) accepting score >= t for every distinct score t, descending, from (0, 0)."""
+def roc(scores: np.ndarray, labels: np.ndarray, drop_intermediate: bool = True
+        ) -> tuple[np.ndarray, np.ndarray]:
+  """(FPR, TPR) accepting score >= t for each distinct score t, descending, from (0, 0).
+
+  drop_intermediate: as sklearn's roc_curve, keep only the first, the last and the
+  points where the ROC bends (a non-zero second difference of the FP or TP counts).
+  """
   order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
   s, same = np.asarray(scores)[order], np.asarray(labels, bool)[order]
   last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]   # end of each run of equal scores
   tp, fp = np.cumsum(same)[last], np.cumsum(~same)[last]
+  if drop_intermediate and len(fp) > 2:
+    keep = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+    tp, fp = tp[keep], fp[keep]
   return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
 
 

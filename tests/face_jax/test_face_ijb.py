@@ -92,9 +92,18 @@ def _brute_force_exact(scores, labels, far):
 
 
 def _brute_force_nearest(scores, labels, far):
-  """Every threshold t (accept >= t): the largest TPR among the FPRs nearest to far."""
+  """insightface's read-out, point by point: the ROC at every distinct score t (accept
+  >= t) without its straight-line interior points (sklearn's drop_intermediate), from
+  (0, 0); among the FPRs nearest to far, the largest TPR."""
   imp, gen = scores[~labels], scores[labels]
-  pts = [(0.0, 0.0)] + [(np.mean(imp >= t), np.mean(gen >= t)) for t in np.unique(scores)]
+  counts = [(np.sum(imp >= t), np.sum(gen >= t)) for t in sorted(set(scores), reverse=True)]
+  kept = [counts[0]]
+  for i in range(1, len(counts) - 1):
+    (f0, t0), (f1, t1), (f2, t2) = counts[i - 1], counts[i], counts[i + 1]
+    if f2 - f1 != f1 - f0 or t2 - t1 != t1 - t0:
+      kept.append(counts[i])
+  kept.append(counts[-1])
+  pts = [(0.0, 0.0)] + [(f / len(imp), t / len(gen)) for f, t in kept]
   gap = min(abs(f - far) for f, _ in pts)
   return max(tp for f, tp in pts if abs(f - far) == gap)
 
@@ -207,3 +216,16 @@ def test_pair_with_a_template_without_features_is_named():
     ijb.pair_scores(ids, tfeats, np.array([2, 7]), np.array([9, 5]))
   with pytest.raises(ValueError, match="pair 0 names template 10"):
     ijb.pair_scores(ids, tfeats, np.array([10]), np.array([9]))
+
+
+def test_nearest_reads_sklearns_roc_without_collinear_points():
+  # Counts (FP, TP) down the thresholds: (1, 1), (2, 2), (3, 3), (10, 3), (10, 4); the
+  # middle of the diagonal run, FPR 0.2, is not on sklearn's ROC, so FAR 0.2 reads FPR 0.3.
+  scores = np.array([0.9, 0.8, 0.7, 0.05] + [0.9, 0.8, 0.7] + [0.1] * 7)
+  labels = np.array([True] * 4 + [False] * 10)
+  fpr, tpr = ijb.roc(scores, labels)
+  np.testing.assert_allclose(fpr, [0, 0.1, 0.3, 1.0, 1.0])
+  np.testing.assert_allclose(tpr, [0, 0.25, 0.75, 0.75, 1.0])
+  assert ijb.tar_at_far(scores, labels, (0.2,), method="nearest")["tar@far=0.2"] == 0.75
+  assert _brute_force_nearest(scores, labels, 0.2) == 0.75
+  assert ijb.tar_at_far(scores, labels, (0.2,))["tar@far=0.2"] == 0.5   # exact: 2 impostors pass
