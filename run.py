@@ -20,6 +20,7 @@ FAMILIES = {
     "mvcom": "face_jax.train",
     "simla_retrieval": "simla_jax.tasks.retrieval",
     "simla_ve": "simla_jax.tasks.ve",
+    "simla_vqa": "simla_jax.tasks.vqa",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -140,14 +140,16 @@ class Pretrained:
   source: str
 
 
-def retrieval_subset(tree: Mapping[str, Any], modules=RETRIEVAL_MODULES) -> dict:
-  """The entries of a SIMLA param tree the retrieval model uses."""
+def retrieval_subset(tree: Mapping[str, Any], modules=RETRIEVAL_MODULES,
+                     dropped: Mapping[str, tuple[str, ...]] = DROPPED) -> dict:
+  """The entries of a SIMLA param tree the retrieval model uses (`dropped`: the
+  sub-entries left out, e.g. VQA keeps the MLM head for its decoder)."""
   out = {}
   for k in modules:
     if k in tree:
       value = tree[k]
-      if k in DROPPED:
-        value = {n: v for n, v in value.items() if n not in DROPPED[k]}
+      if k in dropped:
+        value = {n: v for n, v in value.items() if n not in dropped[k]}
       out[k] = value
   return out
 
@@ -209,8 +211,9 @@ def _restore_state(checkpoints: str) -> tuple[dict, int]:
   return jax.tree.map(np.asarray, restored), int(step)
 
 
-def load_pretrained(config) -> Pretrained:
-  """Reads `config.init.checkpoint` (a workdir or an official .pth); see module doc."""
+def load_pretrained(config, dropped: Mapping[str, tuple[str, ...]] = DROPPED) -> Pretrained:
+  """Reads `config.init.checkpoint` (a workdir or an official .pth); see module doc.
+  `dropped`: what `retrieval_subset` leaves out of the ViT / BERT trees."""
   path = config.init.checkpoint
   if not path:
     raise ValueError("init.checkpoint is required: a pretraining workdir (e.g. runs/simla) "
@@ -219,9 +222,10 @@ def load_pretrained(config) -> Pretrained:
     model_cfg = retrieval_model_overrides(workdir_model_config(path), config.data.image_size)
     state, step = _restore_state(os.path.join(path, "checkpoints"))
     extras = state.get("extras", {})
-    params = retrieval_subset(state["params"])
+    params = retrieval_subset(state["params"], dropped=dropped)
     params_m = extras.get("momentum")
-    params_m = retrieval_subset(params_m, MOMENTUM_MODULES) if params_m is not None else None
+    params_m = (retrieval_subset(params_m, MOMENTUM_MODULES, dropped)
+                if params_m is not None else None)
     queues = ({k: extras[k] for k in _QUEUE_KEYS} if set(_QUEUE_KEYS) <= set(extras)
               else None)
     pretrained = Pretrained(model_cfg, params, params_m, queues, step, path)
@@ -234,9 +238,10 @@ def load_pretrained(config) -> Pretrained:
     model_cfg.bert.vocab_size = pipeline.make_tokenizer(config.data).vocab_size
   params, params_m, queues = convert.load_official_checkpoint(path, model_cfg)
   if params_m is not None:   # fine-tuned layouts may come without momentum copies
-    params_m = retrieval_subset(params_m, MOMENTUM_MODULES)
+    params_m = retrieval_subset(params_m, MOMENTUM_MODULES, dropped)
   queues = {k: queues[k] for k in _QUEUE_KEYS} if set(_QUEUE_KEYS) <= set(queues or {}) else None
-  return Pretrained(model_cfg, retrieval_subset(params), params_m, queues, 0, path)
+  return Pretrained(model_cfg, retrieval_subset(params, dropped=dropped), params_m, queues, 0,
+                    path)
 
 
 def _resize_positions(p: Pretrained) -> Pretrained:
