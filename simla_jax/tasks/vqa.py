@@ -79,6 +79,15 @@ def answer_lm_loss(logits_r_l_v, logits_m_r_l_v, ids_r_l, mask_r_l, alpha,
   return (1 - alpha) * lm + alpha * distill
 
 
+def distill_alpha(step, config):
+  """The distillation weight the decoder loss gets: alpha ramped over
+  `alpha_warmup_steps`, or 0 with `compat.alpha_not_passed` (the official call never
+  passes alpha to the decoder, whose default is 0)."""
+  if config.compat.alpha_not_passed:
+    return jnp.zeros((), jnp.float32)
+  return obj.alpha_at(step, config.alpha, config.alpha_warmup_steps)
+
+
 def weighted_loss(row_loss_b_a, weights_b_a):
   """sum_{b,a} w * L / B (official `(weights * loss).sum() / image.size(0)`)."""
   return jnp.sum(weights_b_a * row_loss_b_a) / weights_b_a.shape[0]
@@ -437,7 +446,6 @@ def make_train_step(config, loaded: Loaded, tx, schedule):
   model, decoder = loaded.model, loaded.decoder
   momentum = loaded.model.config.momentum
   distill, question_only = bool(config.distill), bool(config.question_only)
-  alpha_passed = not bool(config.compat.alpha_not_passed)
   over_sequence = bool(config.compat.distill_over_sequence)
 
   def train_step(state: TrainState, batch):
@@ -449,8 +457,7 @@ def make_train_step(config, loaded: Loaded, tx, schedule):
     a_ids, a_mask, weight = batch["answer_ids"], batch["answer_mask"], batch["answer_weight"]
     b, a, length = a_ids.shape
     flat_ids, flat_mask = a_ids.reshape(b * a, length), a_mask.reshape(b * a, length)
-    alpha = (obj.alpha_at(state.step, config.alpha, config.alpha_warmup_steps) if alpha_passed
-             else jnp.zeros((), jnp.float32))
+    alpha = distill_alpha(state.step, config)
     extras = dict(state.extras)
     logits_m = None
     if distill:   # as the official forward: momentum update, then the momentum logits
