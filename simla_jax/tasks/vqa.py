@@ -130,6 +130,7 @@ def rank_answers(decoder, params, states_b_q_d, q_mask_b_q, answer_ids_n_l, answ
   token sequence (+ the first token's log-probability again with `first_token_twice`).
   """
   b = states_b_q_d.shape[0]
+  answer_ids_n_l, answer_mask_n_l = jnp.asarray(answer_ids_n_l), jnp.asarray(answer_mask_n_l)
   n = answer_ids_n_l.shape[0]
   if not 0 < k <= n:
     raise ValueError(f"k_test {k} must be in [1, {n}] (the answer list's length)")
