@@ -39,6 +39,7 @@ import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -222,12 +223,15 @@ def load(config, answer_list: Sequence[str]) -> Loaded:
   n_new = tokenizer.vocab_size - base_size
   new_rows = (np.random.default_rng(int(config.seed)).normal(
       0.0, float(pretrained.model_config.init_std), (n_new, hidden)) if n_new > 0 else None)
+  base_cfg = ml_collections.ConfigDict(pretrained.model_config.to_dict())
+  if base_cfg.bert.vocab_size == base_size:   # an official .pth's size: the grown vocabulary
+    base_cfg.bert.vocab_size = tokenizer.vocab_size
   model_cfg = None
   trees = []
   for tree in (params, params_m):
     tree = ve.grow_vocabulary(tree, base_size, tokenizer.vocab_size, new_rows)
     if model_cfg is None:
-      model_cfg = rt.resolve_model_config(pretrained.model_config, tokenizer, tree)
+      model_cfg = rt.resolve_model_config(base_cfg, tokenizer, tree)
       first, n = check_decoder_config(config, int(model_cfg.bert.layers))
     bert = grow_lm_bias(tree["bert"], tokenizer.vocab_size)
     decoder = answer_decoder.from_encoder(bert, first, n)

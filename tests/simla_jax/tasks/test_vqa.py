@@ -207,6 +207,27 @@ def test_load_builds_the_decoder_from_the_checkpoint_encoder(pretrained):
     vqa.load(_config(workdir, decoder=dict(layers=2, first_layer=1)), answers)
 
 
+def test_an_official_pth_gives_the_same_decoder(pretrained, tmp_path):
+  torch = pytest.importorskip("torch")
+  from simla_jax import convert
+  from simla_jax.tasks import retrieval as rt
+  workdir, cfg, state = pretrained
+  config = _config(workdir)
+  tok = pipeline.make_tokenizer(config.data)
+  model_cfg = rt.resolve_model_config(rt.workdir_model_config(workdir), tok, state.params)
+  model_cfg.codebook_size = state.params["mim_head"]["kernel"].shape[1]
+  queues = {k: state.extras[k] for k in ("image_queue", "text_queue", "queue_ptr")}
+  official = convert.to_official_state_dict(state.params, state.extras["momentum"], queues,
+                                            model_cfg)
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}},
+             tmp_path / "simla.pth")
+  answers = vqa.read_answer_list(config)
+  from_workdir = vqa.load(config, answers)
+  from_pth = vqa.load(_config(str(tmp_path / "simla.pth"), model=model_cfg), answers)
+  jax.tree.map(np.testing.assert_allclose, from_pth.params, from_workdir.params)
+  jax.tree.map(np.testing.assert_allclose, from_pth.params_m, from_workdir.params_m)
+
+
 @pytest.mark.slow
 def test_run_py_fine_tunes_ranks_and_writes_the_result_json(pretrained, tmp_path):
   workdir, _, _ = pretrained
