@@ -21,6 +21,8 @@ FAMILIES = {
     "simla_retrieval": "simla_jax.tasks.retrieval",
     "simla_ve": "simla_jax.tasks.ve",
     "simla_vqa": "simla_jax.tasks.vqa",
+    "simla_nlvr_pretrain": "simla_jax.tasks.nlvr",
+    "simla_nlvr": "simla_jax.tasks.nlvr",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
