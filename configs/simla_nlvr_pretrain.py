@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       duplicate_from=-1,
   ))
   c.data = default_data_config()
+  c.data.mim.num_masking_patches = 0  # the caption pipeline's MIM mask is not read
   # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
   c.model = simla_model.model_config("base")
   c.text_only = False

@@ -123,15 +123,15 @@ def test_run_py_text_assignment_then_fine_tuning_from_it(pretrained, tmp_path):
   workdir, _, _ = pretrained
   ta = tmp_path / "ta"
   rows = _run(["--config=configs/simla_nlvr_pretrain.py", f"--config.init.checkpoint={workdir}",
-               "--config.data.shapes.val_size=8", "--config.batch_size=4",
-               "--config.eval.batch_size=4"], ta)
+               "--config.data.shapes.val_size=8", "--config.batch_size=8",
+               "--config.eval.batch_size=8"], ta)
   evals = [r for r in rows if "eval/val_ta_acc" in r]
   assert [r["step"] for r in evals] == [3] and 0 <= evals[0]["eval/val_ta_acc"] <= 100
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
   ft = tmp_path / "ft"
   rows = _run(["--config=configs/simla_nlvr.py", f"--config.init.checkpoint={ta}",
                "--config.data.shapes.val_size=8", "--config.data.shapes.test_size=8",
-               "--config.train_pairs=4", "--config.batch_size=4", "--config.eval.batch_size=4",
+               "--config.train_pairs=4", "--config.batch_size=8", "--config.eval.batch_size=8",
                "--config.alpha_warmup_steps=2"], ft)
   final = [r for r in rows if "eval/val_acc" in r][-1]
   assert final["step"] == 3
