@@ -140,3 +140,14 @@ def test_run_py_text_assignment_then_fine_tuning_from_it(pretrained, tmp_path):
     assert final[f"eval/{split}_majority_acc"] == 50.0
   alphas = [r["train/alpha"] for r in rows if "train/alpha" in r]
   np.testing.assert_allclose(alphas, [0.0, 0.2, 0.4])
+
+
+def test_config_variants_name_their_families_and_official_sizes():
+  assert simla_nlvr_pretrain.get_config().family == "simla_nlvr_pretrain"
+  official = simla_nlvr_pretrain.get_config("official")
+  assert (official.data.image_size, official.data.max_len, official.optimizer.lr) == (256, 25, 2e-5)
+  c = simla_nlvr.get_config("nlvr2")
+  assert (c.family, c.data.name, c.data.image_size, c.alpha) == ("simla_nlvr", "nlvr2", 384, 0.4)
+  assert c.total_steps == 10 * (simla_nlvr.NLVR2_TRAIN_PAIRS // c.batch_size)
+  with pytest.raises(ValueError, match="unknown variant"):
+    simla_nlvr.get_config("nlvr3")
