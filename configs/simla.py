@@ -3,6 +3,7 @@
   python run.py --config=configs/simla.py          # shapes world, CPU-sized (default)
   python run.py --config=configs/simla.py:paper    # official sizes and hyperparameters, from
                                                    # DeiT-B/16 + bert-base-uncased (config.init)
+  python run.py --config=configs/simla.py:albef    # the ALBEF baseline at the default size
 
 Default: a small ViT + BERT pretrained with all five objectives on the procedural
 shapes world (no download), evaluated by zero-shot retrieval on the held-out test
@@ -19,8 +20,9 @@ from simla_jax.data import default_data_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "paper", "tiny"):
-    raise ValueError(f"configs/simla.py: unknown variant {variant!r} (default | tiny | paper)")
+  if variant not in ("default", "paper", "tiny", "albef"):
+    raise ValueError(f"configs/simla.py: unknown variant {variant!r} "
+                     f"(default | tiny | paper | albef)")
   c = common.base()
   c.family = "simla"
   c.seed = 0
@@ -137,4 +139,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.lr = 1e-3
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.schedule.update(warmup_steps=100, end_lr=1e-5)
+  if variant == "albef":
+    # ALBEF (spec §5) in the same loop, data and evaluators: the same BERT depth budget
+    # split into text layers [0, layers // 2) and fusion layers (3 layers: 1 text + 2
+    # fusion), ITC with momentum distillation + ITM with hard negatives + MLM on the image;
+    # no MIM and no PSL (the step skips a loss of weight 0, the model has no such heads).
+    c.model.architecture = "albef"
+    c.model.bert.fusion_start = -1
+    c.loss_weights.update(mim=0.0, psl=0.0)
   return c

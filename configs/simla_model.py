@@ -31,6 +31,10 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
   hidden, layers, heads = s["bert"]
   c = ml_collections.ConfigDict()
   c.size = size
+  # "simla": one BERT whose every layer cross-attends in multimodal mode (text mode runs all
+  # layers without it). "albef": the ALBEF baseline, a text stack then a fusion stack
+  # (bert.fusion_start), trained with ITC + ITM + MLM only (simla_jax/models/simla.py).
+  c.architecture = "simla"
   c.image_size = s["image_size"]          # square input, pixels
   c.patch_size = s["patch_size"]
   c.vit = ml_collections.ConfigDict(dict(
@@ -47,6 +51,9 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       attention_dropout=0.1,               # attention probabilities
       vocab_size=s["vocab_size"],
       layer_norm_eps=1e-12,
+      # architecture "albef" only: layers [0, fusion_start) text-only, the rest fusion
+      # (-1 = layers // 2; ALBEF-base: 6 of 12).
+      fusion_start=-1,
   ))
   c.embed_dim = s["embed_dim"]            # ITC projection size (vision_proj / text_proj)
   c.codebook_size = 8192                  # DALL-E dVAE codes, MIM targets

@@ -9,6 +9,12 @@ cross-attention runs only when keys/values are given:
                     image queries over non-contextual token embeddings (MIM).
 Attention is bidirectional with additive padding masks.
 
+ALBEF's split (`fusion_start` = F, set by `model.architecture = "albef"`): layers [0, F)
+are a text encoder without cross-attention parameters, layers [F, num_layers) a fusion
+encoder. Text mode runs layers [0, F) only (the ITC text feature is their [CLS]); a pass
+with keys/values runs [0, F) as text layers and [F, num_layers) with cross-attention on
+their output, as ALBEF's fusion stack reads its text encoder's output.
+
 The layers are either unrolled (`layer_i`, one parameter subtree each) or, with
 `scan_layers`, one `nn.scan` over `encoder/layer`, whose parameters carry a leading
 `layers` axis: the program then holds one layer body per pass, whatever the depth.
@@ -150,6 +156,18 @@ def _take(index):
   return lambda variables: jax.tree.map(lambda a: a[index], variables)
 
 
+def split_at(segments: list[tuple[int, int, bool, int | None]],
+             cut: int) -> list[tuple[int, int, bool, int | None]]:
+  """`layer_segments` with any run that spans `cut` split there (a one-layer run never does)."""
+  out = []
+  for start, stop, probs, queries in segments:
+    if start < cut < stop:
+      out += [(start, cut, probs, queries), (cut, stop, probs, queries)]
+    else:
+      out.append((start, stop, probs, queries))
+  return out
+
+
 def layer_segments(num_layers: int, attention_layer: int | None,
                    cls_only: bool) -> list[tuple[int, int, bool, int | None]]:
   """Splits layers [0, num_layers) into runs (start, stop, return_probs, queries) that each
@@ -239,16 +257,28 @@ class Bert(nn.Module):
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
+  # None: SIMLA, every layer can cross-attend. F: ALBEF, layers [0, F) text-only,
+  # [F, num_layers) fusion (see the module docstring).
+  fusion_start: int | None = None
 
   def setup(self):
+    if self.fusion_start is not None and not 0 < self.fusion_start < self.num_layers:
+      raise ValueError(f"BERT fusion_start {self.fusion_start} must lie in (0, "
+                       f"{self.num_layers}): ALBEF needs text and fusion layers")
     self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_position,
                                      self.layer_norm_eps, self.dropout, self.init_std, self.dtype)
     args = (self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
             self.layer_norm_eps, self.init_std)
     if self.scan_layers:
-      self.encoder = BertEncoder(self.num_layers, *args, remat=self.remat,
+      # ALBEF: the text and the fusion layers are two stacks (their parameters differ).
+      text_layers = self.num_layers if self.fusion_start is None else self.fusion_start
+      self.encoder = BertEncoder(text_layers, *args, remat=self.remat,
                                  remat_policy=self.remat_policy, dtype=self.dtype,
                                  attention_impl=self.attention_impl)
+      if self.fusion_start is not None:
+        self.fusion_encoder = BertEncoder(self.num_layers - self.fusion_start, *args,
+                                          remat=self.remat, remat_policy=self.remat_policy,
+                                          dtype=self.dtype, attention_impl=self.attention_impl)
     else:
       layer = _layer_class(self.remat, self.remat_policy)
       self.layer = [layer(*args, self.dtype, self.attention_impl)
@@ -265,7 +295,8 @@ class Bert(nn.Module):
              kv_mask: jax.Array | None = None, *, kv_index: jax.Array | None = None,
              deterministic: bool = True, attention_layer: int | None = None,
              cls_only: bool = False):
-    """Runs all layers over embedded queries.
+    """Runs the layers over embedded queries: all of them (SIMLA; ALBEF with `kv`), or
+    ALBEF's text layers [0, fusion_start) in text mode.
 
     Args:
       x: (b, l, hidden) output of `embed`.
@@ -274,8 +305,8 @@ class Bert(nn.Module):
       kv_mask: (b, k) padding mask of `kv`; None = all valid.
       kv_index: (b,) int or None: `kv` and `kv_mask` hold n distinct rows and row i of
         `x` cross-attends to row kv_index[i]; each is projected to keys/values once.
-      attention_layer: index (negative counts from the end) of the layer whose
-        self-attention probabilities to return.
+      attention_layer: index (negative counts from the end) among the layers that run of
+        the layer whose self-attention probabilities to return.
       cls_only: the last layer computes the first position only (whose attention reads
         every position): the same first row for 1/num_layers less work, when only the
         [CLS] output (ITC, ITM) or the last layer's [CLS] attention row (PSL) is used.
@@ -287,21 +318,30 @@ class Bert(nn.Module):
     kv_bias = None if kv is None or kv_mask is None else layers.mask_to_bias(kv_mask)
     if kv_bias is not None and kv_index is not None:
       kv_bias = kv_bias[kv_index]
+    # ALBEF: layers below `fuse_from` run without cross-attention.
+    fuse_from = 0 if self.fusion_start is None else self.fusion_start
+    depth = fuse_from if kv is None and fuse_from else self.num_layers
     if attention_layer is not None:
-      if not -self.num_layers <= attention_layer < self.num_layers:
+      if not -depth <= attention_layer < depth:
         raise ValueError(f"attention_layer {attention_layer} out of range for "
-                         f"{self.num_layers} layers")
-      attention_layer %= self.num_layers
+                         f"{depth} layers")
+      attention_layer %= depth
     probs = None
-    for start, stop, want_probs, queries in layer_segments(self.num_layers, attention_layer,
-                                                           cls_only):
-      if self.scan_layers:
-        x, p = self.encoder(x, bias, kv, kv_bias, kv_index, start=start, stop=stop,
+    segments = split_at(layer_segments(depth, attention_layer, cls_only), fuse_from)
+    for start, stop, want_probs, queries in segments:
+      fusion = start >= fuse_from
+      kv_args = (kv, kv_bias, kv_index) if fusion else (None, None, None)
+      if self.scan_layers and self.fusion_start is not None and fusion:
+        x, p = self.fusion_encoder(x, bias, *kv_args, start=start - fuse_from,
+                                   stop=stop - fuse_from, deterministic=deterministic,
+                                   return_probs=want_probs, queries=queries)
+      elif self.scan_layers:
+        x, p = self.encoder(x, bias, *kv_args, start=start, stop=stop,
                             deterministic=deterministic, return_probs=want_probs,
                             queries=queries)
       else:
         for layer in self.layer[start:stop]:
-          x, p = layer(x, bias, kv, kv_bias, kv_index, deterministic, want_probs, queries)
+          x, p = layer(x, bias, *kv_args, deterministic, want_probs, queries)
       if want_probs:
         probs = p
     return x if attention_layer is None else (x, probs)

@@ -10,6 +10,13 @@ layer_i | encoder/layer, mlm_head), vision_proj, text_proj, itm_head, mim_head,
 concept_head, temp. With `scan_layers` the repeated layers are one stacked subtree each
 (`vit/blocks`, `bert/encoder/layer`, leading `layers` axis); `convert.stack_layers` /
 `unstack_layers` move between the two layouts.
+
+`config.architecture = "albef"` builds the ALBEF baseline in the same module: BERT layers
+[0, bert.fusion_start) are a text encoder without cross-attention, the rest a fusion
+encoder (`bert.Bert`); `embed_text` runs the text layers, `fuse` both. ALBEF has no MIM and
+no PSL: its parameter tree has no mim_head / concept_head and those modes raise.
+(Scanned: `bert/encoder/layer` holds the text layers, `bert/fusion_encoder/layer` the
+fusion layers.)
 """
 
 from typing import Any
@@ -24,6 +31,8 @@ from simla_jax.models import bert as bert_lib
 from simla_jax.models import layers
 from simla_jax.models import vit as vit_lib
 
+ARCHITECTURES = ("simla", "albef")
+
 # torch.nn.functional.normalize's default floor on the norm.
 NORMALIZE_EPS = 1e-12
 
@@ -31,6 +40,22 @@ NORMALIZE_EPS = 1e-12
 def l2_normalize(x: jax.Array) -> jax.Array:
   norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
   return x / jnp.maximum(norm, NORMALIZE_EPS).astype(x.dtype)
+
+
+def fusion_start(config: ml_collections.ConfigDict) -> int | None:
+  """ALBEF's first fusion layer (`bert.fusion_start`, -1 = half the layers, rounded down);
+  None for SIMLA, whose every layer can cross-attend."""
+  arch = config.get("architecture", "simla")
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"model.architecture {arch!r}: choose one of {ARCHITECTURES}")
+  if arch == "simla":
+    return None
+  start = config.bert.get("fusion_start", -1)
+  start = config.bert.layers // 2 if start == -1 else start
+  if not 0 < start < config.bert.layers:
+    raise ValueError(f"model.bert.fusion_start {start}: ALBEF needs 0 < fusion_start < "
+                     f"bert.layers = {config.bert.layers} (text and fusion layers)")
+  return start
 
 
 def _head(features: int, fan_in: int, names: tuple[str | None, str | None], dtype) -> nn.Dense:
@@ -66,13 +91,22 @@ class SIMLA(nn.Module):
         dropout=c.bert.dropout, attention_dropout=c.bert.attention_dropout,
         layer_norm_eps=c.bert.layer_norm_eps, init_std=c.init_std, remat=c.remat,
         remat_policy=remat_policy, scan_layers=scan_layers, dtype=dtype,
-        attention_impl=c.attention_impl)
+        attention_impl=c.attention_impl, fusion_start=fusion_start(c))
     width, hidden = c.vit.width, c.bert.hidden
     self.vision_proj = _head(c.embed_dim, width, ("embed", None), dtype)
     self.text_proj = _head(c.embed_dim, hidden, ("embed", None), dtype)
     self.itm_head = _head(2, hidden, ("embed", None), dtype)
     self.mim_head = _head(c.codebook_size, hidden, ("embed", "vocab"), dtype)
     self.concept_head = _head(c.bert.vocab_size, c.embed_dim, (None, "vocab"), dtype)
+
+  @property
+  def is_albef(self) -> bool:
+    return self.config.get("architecture", "simla") == "albef"
+
+  def _simla_only(self, what: str):
+    if self.is_albef:
+      raise ValueError(f"model.architecture 'albef' has no {what} (ALBEF trains ITC, ITM and "
+                       f"MLM only): set its loss weight to 0")
 
   # --- encoders -------------------------------------------------------------------------------
 
@@ -129,6 +163,7 @@ class SIMLA(nn.Module):
     branch cross-attends to the ONLINE model's token embeddings.
     Returns (b, 1+N, hidden).
     """
+    self._simla_only("image-query mode (MIM)")
     if token_embeds is None:
       token_embeds = self.bert.embed(ids, deterministic=deterministic)
     x = self.bert.embed(inputs_embeds=image_seq, deterministic=deterministic)
@@ -154,10 +189,12 @@ class SIMLA(nn.Module):
 
   def mim_logits(self, query_seq: jax.Array) -> jax.Array:
     """Image-query output without its CLS -> codebook logits: (b, 1+N, hidden) -> (b, N, codebook)."""
+    self._simla_only("MIM head")
     return self.mim_head(query_seq[:, 1:])
 
   def concept_logits(self, image_feat: jax.Array) -> jax.Array:
     """Normalized projected image feature (b, embed_dim) -> keyword logits (b, vocab)."""
+    self._simla_only("PSL concept head")
     return self.concept_head(image_feat)
 
   @nn.compact
@@ -172,19 +209,22 @@ class SIMLA(nn.Module):
   def __call__(self, images: jax.Array, ids: jax.Array, mask: jax.Array,
                patch_mask: jax.Array | None = None, *,
                deterministic: bool = True) -> dict[str, jax.Array]:
-    """Every encoder mode and head once (so `init` creates all parameters)."""
+    """Every encoder mode and head once (so `init` creates all parameters); ALBEF's
+    modes and heads only for `architecture = "albef"`."""
     kw = dict(deterministic=deterministic)
     image_seq = self.embed_image(images, **kw)
     text_seq = self.embed_text(ids, mask, **kw)
     fused = self.fuse(ids, mask, image_seq, **kw)
+    image_feat = self.image_feature(image_seq)
+    out = dict(image_seq=image_seq, text_seq=text_seq, fused=fused, image_feat=image_feat,
+               text_feat=self.text_feature(text_seq), itm_logits=self.itm_logits(fused),
+               mlm_logits=self.mlm_logits(fused), temp=self.temperature())
+    if self.is_albef:
+      return out
     masked_seq = image_seq if patch_mask is None else self.embed_image(images, patch_mask, **kw)
     query = self.fuse_image_query(masked_seq, ids, mask, **kw)
-    image_feat = self.image_feature(image_seq)
-    return dict(image_seq=image_seq, text_seq=text_seq, fused=fused, query=query,
-                image_feat=image_feat, text_feat=self.text_feature(text_seq),
-                itm_logits=self.itm_logits(fused), mlm_logits=self.mlm_logits(fused),
-                mim_logits=self.mim_logits(query), concept_logits=self.concept_logits(image_feat),
-                temp=self.temperature())
+    return dict(out, query=query, mim_logits=self.mim_logits(query),
+                concept_logits=self.concept_logits(image_feat))
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1,
