@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = default_data_config()
   c.init = pretrained.init_config()   # public weights: "" = random init
-  c.model = simla_model.model_config("small" if variant == "default" else
+  c.model = simla_model.model_config("small" if variant in ("default", "albef") else
                                      "base" if variant == "paper" else "tiny")
   c.model.bert.vocab_size = -1        # -1: the tokenizer's vocabulary
   c.model.codebook_size = -1          # -1: the MIM targets' codebook

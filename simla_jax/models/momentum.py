@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 MOMENTUM_MODULES = ("vit", "vision_proj", "bert", "text_proj", "mim_head", "concept_head")
+# SIMLA's heads that ALBEF (`model.architecture="albef"`) does not have: copied when present.
+SIMLA_ONLY = ("mim_head", "concept_head")
 
 
 def init_momentum(params: Any) -> Any:
@@ -22,10 +24,10 @@ def init_momentum(params: Any) -> Any:
   Works on boxed (logically partitioned) or plain trees; JAX arrays are immutable,
   so sharing the leaves is a copy.
   """
-  missing = [k for k in MOMENTUM_MODULES if k not in params]
+  missing = [k for k in MOMENTUM_MODULES if k not in params and k not in SIMLA_ONLY]
   if missing:
     raise KeyError(f"init_momentum: params lack {missing}")
-  return {k: params[k] for k in MOMENTUM_MODULES}
+  return {k: params[k] for k in MOMENTUM_MODULES if k in params}
 
 
 def ema_update(params_m: Any, params: Any, momentum: float | jax.Array) -> Any:
