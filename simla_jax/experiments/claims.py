@@ -1,0 +1,450 @@
+"""SIMLA's three claims on the built-in shapes world, and the MIM target choice.
+
+  python -m simla_jax.experiments.claims                            # every arm, seeds 0-2
+  python -m simla_jax.experiments.claims --arms=simla,albef --seeds=0   # a part of it
+  python -m simla_jax.experiments.claims --report_only              # table + PNGs only
+
+Each (arm, seed) trains `configs/simla.py` (`:albef` for ALBEF) with the arm's changes in a
+subprocess, into <out>/<arm>/seed<k>. A run whose result.json exists is skipped; an
+unfinished one resumes from its checkpoint (its curve's times then restart from the last
+recorded evaluation). Then <out>/claims.md (the README table and verdicts), ablation.png
+and compute.png are written from every result.json found; `--readme` also replaces the
+README's text between `<!-- claims:begin -->` and `<!-- claims:end -->`.
+
+Arms: the loss ablation in the paper's order (Table 1: ITM, +ITC, +MLM, +MIM, +PSL = full
+SIMLA), ALBEF (`model.architecture="albef"`: ITC + ITM + MLM, text / fusion split of the same
+BERT depth), and full SIMLA with dVAE MIM targets on the half-resolution view (official
+weights with `--dvae_weights`, else a random-weight encoder, said so in the table) against
+the built-in random-projection targets of the `simla` arm. Loss weights of the objectives an
+arm keeps are the default config's; every other setting is the default config's (its lr and
+steps were chosen on val by the pretraining work; nothing is tuned on test here). Each
+evaluation scores val, test, the compositional split and the strict one (every object an
+unseen colour-shape pair); the table reports all four.
+
+Measure, fixed before the numbers: R@1 = mean of text- and image-retrieval R@1 (ITC top-k
+re-ranked by ITM, the official zero-shot protocol). Paired differences per seed and the
+verdict rule are in `stats.py` ("higher" = mean difference above 2 standard errors).
+Reading rules for the paper's claims:
+  1. Every added objective helps (Table 1): each step ITM -> +ITC -> +MLM -> +MIM -> +PSL is
+     "higher" on test R@1. Holds if all are; does not hold if one is "lower".
+  2. SIMLA beats ALBEF at the same data and steps (Table 2): SIMLA - ALBEF on test R@1 is
+     "higher".
+  3. Zero-shot accuracy rises faster per unit of compute (Fig. 4): SIMLA - ALBEF on test R@1
+     at equal training compute (per seed, both curves interpolated at the smaller of the two
+     runs' final compute) is "higher", on XLA-counted train-step FLOPs; wall seconds shown
+     as well (a shared machine distorts them).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+from simla_jax.experiments import stats
+
+LOSSES = ("itc", "itm", "mlm", "mim", "psl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  label: str
+  variant: str                        # configs/simla.py variant
+  losses: tuple[str, ...]             # objectives with the default config's weight
+  mim_target: str = "random_projection"
+
+
+ARMS = {
+    "itm": Arm("ITM", "default", ("itm",)),
+    "itc": Arm("+ITC", "default", ("itm", "itc")),
+    "mlm": Arm("+MLM", "default", ("itm", "itc", "mlm")),
+    "mim": Arm("+MIM", "default", ("itm", "itc", "mlm", "mim")),
+    "simla": Arm("+PSL = SIMLA", "default", LOSSES),
+    "albef": Arm("ALBEF", "albef", ("itc", "itm", "mlm")),
+    "dvae": Arm("SIMLA, dVAE MIM targets", "default", LOSSES, mim_target="dvae"),
+}
+ABLATION = ("itm", "itc", "mlm", "mim", "simla")
+METRIC = "r1"           # mean of TR and IR R@1, see `r1`
+EVALS = 4               # evaluations per run (the compute curve)
+
+
+def r1(metrics: Mapping[str, float], split: str, itc_only: bool = False) -> float:
+  """Mean of TR and IR R@1 of `split` from an evaluator's metrics (nan if absent)."""
+  p = f"{split}_itc_" if itc_only else f"{split}_"
+  keys = (f"{p}tr_r1", f"{p}ir_r1")
+  if not all(k in metrics for k in keys):
+    return math.nan
+  return 0.5 * (float(metrics[keys[0]]) + float(metrics[keys[1]]))
+
+
+# --------------------------------------------------------------------------- configs
+def arm_config(arm: str, seed: int, *, steps: int = 0, evals: int = EVALS,
+               dvae_weights: str = "", dvae_n_hid: int = 0):
+  """The run config of one (arm, seed); `steps` > 0 overrides total_steps."""
+  from configs import simla as simla_config
+  if arm not in ARMS:
+    raise ValueError(f"claims: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+  a = ARMS[arm]
+  c = simla_config.get_config(a.variant)
+  default_weights = dict(c.loss_weights)
+  c.loss_weights.update({k: float(default_weights[k]) if k in a.losses else 0.0
+                         for k in LOSSES})
+  c.seed = int(seed)
+  if steps:
+    c.total_steps = int(steps)
+  c.eval_every_steps = max(1, c.total_steps // evals)
+  c.checkpoint_every_steps = c.eval_every_steps
+  # The strict split (every object an unseen colour-shape pair) at the size of the others.
+  c.data.shapes.strict_size = c.data.shapes.comp_size
+  c.eval.splits = ("val", "test", "comp", "strict")
+  c.progress_bar = False
+  if a.mim_target == "dvae":
+    if not dvae_weights:
+      raise ValueError("claims: the dvae arm needs dvae_weights (a random-weight .npz is "
+                       "written by the study when none is given)")
+    m = c.data.mim
+    m.target = "dvae"
+    m.dvae_image_size = c.data.image_size // 2       # the official half-resolution view
+    m.dvae_weights = dvae_weights
+    if dvae_n_hid:
+      m.dvae_n_hid = int(dvae_n_hid)
+  return c
+
+
+def step_flops(config) -> float:
+  """XLA-counted FLOPs of one train step (cost analysis of the lowered program, one device;
+  an MLM `lax.cond` may count both branches)."""
+  import flax.linen as nn
+  import jax
+  from simla_jax import train as simla_train
+  task = simla_train.make_task(config, mesh=None)
+  state = jax.eval_shape(lambda k: nn.meta.unbox(task.init(k)), jax.random.key(0))
+  batch = next(task.train_data)
+  cost = jax.jit(task.train_step).lower(state, batch).cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+# --------------------------------------------------------------------------- one run
+class _Clock:
+  """Wall and process-CPU seconds of training: stopped while evaluating."""
+
+  def __init__(self, wall0: float = 0.0, cpu0: float = 0.0):
+    self.wall, self.cpu = wall0, cpu0
+    self._t = (time.monotonic(), time.process_time())
+
+  def stop(self):
+    self.wall += time.monotonic() - self._t[0]
+    self.cpu += time.process_time() - self._t[1]
+
+  def start(self):
+    self._t = (time.monotonic(), time.process_time())
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run_one(arm: str, seed: int, out: str, *, steps: int = 0, dvae_weights: str = "",
+            dvae_n_hid: int = 0) -> dict:
+  """Trains one (arm, seed) into <out>/<arm>/seed<seed>, writes its result.json."""
+  import jax
+  from simla_jax import train as simla_train
+  from train_jax import loop
+
+  workdir = run_dir(out, arm, seed)
+  os.makedirs(workdir, exist_ok=True)
+  config = arm_config(arm, seed, steps=steps, dvae_weights=dvae_weights, dvae_n_hid=dvae_n_hid)
+  flops_path = os.path.join(out, arm, "flops.json")
+  if not os.path.exists(flops_path):
+    with open(flops_path, "w") as f:
+      json.dump({"flops_per_step": step_flops(config)}, f)
+  with open(flops_path) as f:
+    flops = json.load(f)["flops_per_step"]
+  curve_path = os.path.join(workdir, "curve.jsonl")
+  done = read_jsonl(curve_path)
+  clock = _Clock(done[-1]["train_wall_s"] if done else 0.0,
+                 done[-1]["train_cpu_s"] if done else 0.0)
+
+  def make_task(cfg, mesh):
+    task = simla_train.make_task(cfg, mesh)
+
+    def evaluate(state):
+      clock.stop()
+      step = int(jax.device_get(state.step))
+      scores = task.evaluate(state)
+      point = dict(step=step, flops=flops * step, train_wall_s=clock.wall,
+                   train_cpu_s=clock.cpu, **{k: float(v) for k, v in scores.items()})
+      with open(curve_path, "a") as f:
+        f.write(json.dumps(point) + "\n")
+      clock.start()
+      return scores
+    # No retrieval grid / loss plot: the study draws its own figures.
+    return dataclasses.replace(task, evaluate=evaluate, finish=None)
+
+  loop.train_and_evaluate(config, workdir, make_task)
+  # A run stopped between an evaluation and its checkpoint evaluates that step again.
+  curve = sorted({p["step"]: p for p in read_jsonl(curve_path)}.values(), key=lambda p: p["step"])
+  result = dict(arm=arm, seed=seed, steps=int(config.total_steps), flops_per_step=flops,
+                final={k: v for k, v in curve[-1].items()}, curve=curve,
+                mim_target=config.data.mim.target,
+                dvae_weights=config.data.mim.dvae_weights if arm == "dvae" else "")
+  with open(os.path.join(workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def run_dir(out: str, arm: str, seed: int) -> str:
+  return os.path.join(out, arm, f"seed{seed}")
+
+
+def pending_runs(out: str, arms: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int]]:
+  """The (arm, seed) runs of the request that have no result.json yet, arm-major."""
+  return [(a, s) for a in arms for s in seeds
+          if not os.path.exists(os.path.join(run_dir(out, a, s), "result.json"))]
+
+
+def load_results(out: str) -> dict[str, dict[int, dict]]:
+  """{arm: {seed: result}} of every finished run under `out`."""
+  results: dict[str, dict[int, dict]] = {}
+  for arm in ARMS:
+    d = os.path.join(out, arm)
+    if not os.path.isdir(d):
+      continue
+    for name in sorted(os.listdir(d)):
+      path = os.path.join(d, name, "result.json")
+      if name.startswith("seed") and os.path.exists(path):
+        with open(path) as f:
+          r = json.load(f)
+        results.setdefault(arm, {})[int(r["seed"])] = r
+  return results
+
+
+def launch(out: str, arm: str, seed: int, args) -> dict:
+  """One run in a subprocess (a fresh process per run: memory and compile caches do not
+  pile up); returns its wall and CPU seconds (user + sys of the child)."""
+  cmd = [sys.executable, "-m", "simla_jax.experiments.claims", f"--out={out}",
+         f"--run_one={arm}", f"--seeds={seed}", f"--steps={args.steps}",
+         f"--dvae_weights={args.dvae_weights}", f"--dvae_n_hid={args.dvae_n_hid}"]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.monotonic()
+  log = os.path.join(out, arm, f"seed{seed}.log")
+  with open(log, "a") as f:
+    code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if code:
+    raise RuntimeError(f"claims: run {arm} seed {seed} failed (exit {code}); see {log}")
+  timing = dict(wall_s=time.monotonic() - t0,
+                cpu_s=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+                loadavg=open("/proc/loadavg").read().split()[:3]
+                if os.path.exists("/proc/loadavg") else [])
+  path = os.path.join(run_dir(out, arm, seed), "result.json")
+  with open(path) as f:
+    result = json.load(f)
+  result["process"] = timing
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+# --------------------------------------------------------------------------- report
+def _arm_row(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None) -> list[str]:
+  finals = {s: r["final"] for s, r in runs.items()}
+  cell = lambda f: stats.fmt(*stats.mean_std([f(m) for m in finals.values()]))
+  test = {s: r1(m, "test") for s, m in finals.items()}
+  delta = "–"
+  if ref is not None and arm != "simla":
+    d = stats.paired_differences(test, {s: r1(r["final"], "test") for s, r in ref.items()})
+    if d.size:
+      delta = f"{stats.fmt(*stats.mean_std(d))} ({stats.verdict(d)})"
+  runs_ = list(runs.values())
+  gflops = runs_[0]["flops_per_step"] / 1e9
+  wall = stats.fmt(*stats.mean_std([r["final"]["train_wall_s"] for r in runs_]), digits=0)
+  label = ARMS[arm].label
+  if arm == "dvae" and not all(r.get("dvae_weights_official") for r in runs_):
+    label += " (random-weight dVAE)"
+  return [label, ",".join(str(s) for s in sorted(runs)), str(runs_[0]["steps"]),
+          cell(lambda m: m.get("test_tr_r1", math.nan)),
+          cell(lambda m: m.get("test_ir_r1", math.nan)), cell(lambda m: r1(m, "test")), delta,
+          cell(lambda m: r1(m, "comp")), cell(lambda m: r1(m, "strict")),
+          cell(lambda m: r1(m, "val")),
+          cell(lambda m: r1(m, "test", itc_only=True)), f"{gflops:.1f}", wall]
+
+
+def claim_verdicts(results: Mapping[str, Mapping[int, dict]]) -> dict[str, str]:
+  """The three claims' verdicts (reading rules in the module docstring)."""
+  test = {a: {s: r1(r["final"], "test") for s, r in runs.items()}
+          for a, runs in results.items()}
+  steps = []
+  for prev, nxt in zip(ABLATION[:-1], ABLATION[1:]):
+    if prev in test and nxt in test:
+      d = stats.paired_differences(test[nxt], test[prev])
+      if d.size:
+        steps.append(stats.verdict(d))
+  out = {"1": stats.ordered_verdict(steps), "2": "not run", "3": "not run"}
+  if steps and len(steps) < len(ABLATION) - 1:
+    out["1"] += " (partial: not every step was run)"
+  if "simla" in results and "albef" in results:
+    d = stats.paired_differences(test["simla"], test["albef"])
+    if d.size:
+      out["2"] = stats.pair_verdict(stats.verdict(d))
+    x, d = stats.matched_compute(
+        {s: dict(r, curve=[dict(p, r1=r1(p, "test")) for p in r["curve"]])
+         for s, r in results["simla"].items()},
+        {s: dict(r, curve=[dict(p, r1=r1(p, "test")) for p in r["curve"]])
+         for s, r in results["albef"].items()}, "flops", "r1")
+    if d.size:
+      out["3"] = (f"{stats.pair_verdict(stats.verdict(d))}: at {x / 1e12:.1f} TFLOPs, "
+                  f"SIMLA - ALBEF = {stats.fmt(*stats.mean_std(d))} R@1 points")
+  return out
+
+
+HEADER = ["arm", "seeds", "steps", "test TR R@1", "test IR R@1", "test R@1",
+          "Δ test R@1 vs SIMLA (paired)", "comp R@1", "strict R@1", "val R@1", "ITC-only test R@1",
+          "GFLOPs / step", "train wall s"]
+
+
+def report(results: Mapping[str, Mapping[int, dict]]) -> str:
+  """The markdown table and the verdicts."""
+  ref = results.get("simla")
+  lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+  for arm in ARMS:
+    if arm in results:
+      lines.append("| " + " | ".join(_arm_row(arm, results[arm], ref)) + " |")
+  v = claim_verdicts(results)
+  lines += ["", f"- Claim 1 (every added objective helps): **{v['1']}**.",
+            f"- Claim 2 (SIMLA beats ALBEF at the same data and steps): **{v['2']}**.",
+            f"- Claim 3 (higher zero-shot R@1 per unit of training compute): **{v['3']}**."]
+  return "\n".join(lines) + "\n"
+
+
+def plots(results: Mapping[str, Mapping[int, dict]], out: str) -> list[str]:
+  """ablation.png (test / comp R@1 per arm, mean ± std) and compute.png (test R@1 against
+  train-step FLOPs and wall seconds, SIMLA and ALBEF, one line per seed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  paths = []
+  arms = [a for a in ARMS if a in results]
+  if arms:
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for j, split in enumerate(("test", "comp", "strict")):
+      ms = [stats.mean_std([r1(r["final"], split) for r in results[a].values()]) for a in arms]
+      ax.bar([i + 0.27 * j for i in range(len(arms))], [m for m, _ in ms], width=0.27,
+             yerr=[0 if math.isnan(s) else s for _, s in ms], label=split, capsize=3)
+    ax.set_xticks([i + 0.27 for i in range(len(arms))])
+    ax.set_xticklabels([ARMS[a].label for a in arms], rotation=20, fontsize=8)
+    ax.set_ylabel("zero-shot R@1 (mean TR, IR), %")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "ablation.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+  curves = [a for a in ("simla", "albef") if a in results]
+  if curves:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for arm, color in zip(curves, ("C0", "C1")):
+      for i, r in enumerate(results[arm].values()):
+        pts = [(p["flops"] / 1e12, p["train_wall_s"], r1(p, "test")) for p in r["curve"]]
+        for ax, k in zip(axes, (0, 1)):
+          ax.plot([p[k] for p in pts], [p[2] for p in pts], "o-", color=color,
+                  label=ARMS[arm].label if i == 0 else None, alpha=0.8)
+    axes[0].set_xlabel("training compute, XLA-counted TFLOPs")
+    axes[1].set_xlabel("training wall seconds (shared 2-core CPU)")
+    for ax in axes:
+      ax.set_ylabel("test R@1, %")
+      ax.grid(alpha=0.3)
+      ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out, "compute.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+  return paths
+
+
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+
+def replace_section(text: str, body: str) -> str:
+  """`text` with what lies between BEGIN and END replaced by `body`."""
+  if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+    raise ValueError(f"claims: the README needs one {BEGIN} ... {END} section")
+  head, rest = text.split(BEGIN)
+  _, tail = rest.split(END)
+  return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="runs/claims")
+  p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated of {list(ARMS)}")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--steps", type=int, default=0, help="> 0: total_steps of every run")
+  p.add_argument("--dvae_weights", default="", help="official dVAE encoder; '' = random")
+  p.add_argument("--dvae_n_hid", type=int, default=64,
+                 help="width of the random-weight dVAE (official 256; ignored with weights)")
+  p.add_argument("--report_only", action="store_true")
+  p.add_argument("--readme", default="", help="README to update between the claims markers")
+  p.add_argument("--run_one", default="", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  arms = [a for a in args.arms.split(",") if a]
+  seeds = [int(s) for s in args.seeds.split(",") if s]
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    p.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+  os.makedirs(args.out, exist_ok=True)
+  if args.dvae_weights:
+    args.dvae_n_hid = 0
+  if args.run_one:
+    from run import enable_compile_cache
+    enable_compile_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "simla_face_jax_xla"), 0.5)
+    run_one(args.run_one, seeds[0], args.out, steps=args.steps,
+            dvae_weights=args.dvae_weights, dvae_n_hid=args.dvae_n_hid)
+    return
+  if not args.report_only:
+    if "dvae" in arms and not args.dvae_weights:
+      from simla_jax.experiments import random_dvae
+      cfg = arm_config("simla", 0).data.mim
+      cfg.dvae_n_hid = args.dvae_n_hid
+      os.makedirs(os.path.join(args.out, "dvae"), exist_ok=True)
+      args.dvae_weights = os.path.abspath(os.path.join(
+          args.out, "dvae", f"random_dvae_nhid{args.dvae_n_hid}.npz"))
+      if not os.path.exists(args.dvae_weights):
+        random_dvae.write(args.dvae_weights, cfg)
+      print(f"dvae arm: no --dvae_weights given, so a RANDOM-weight dVAE encoder "
+            f"(n_hid {args.dvae_n_hid}) gives the MIM targets: {args.dvae_weights}", flush=True)
+    for arm, seed in pending_runs(args.out, arms, seeds):
+      os.makedirs(os.path.join(args.out, arm), exist_ok=True)
+      print(f"claims: training {arm} seed {seed} ...", flush=True)
+      r = launch(args.out, arm, seed, args)
+      print(f"claims: {arm} seed {seed}: test R@1 {r1(r['final'], 'test'):.1f}, "
+            f"{r['process']['wall_s']:.0f} s wall, {r['process']['cpu_s']:.0f} CPU s", flush=True)
+  results = load_results(args.out)
+  for arm, runs in results.items():   # official weights or not, for the table's label
+    for r in runs.values():
+      r["dvae_weights_official"] = bool(r.get("dvae_weights")) and \
+          "random_dvae" not in os.path.basename(r["dvae_weights"])
+  text = report(results)
+  with open(os.path.join(args.out, "claims.md"), "w") as f:
+    f.write(text)
+  paths = plots(results, args.out)
+  print(text + "\n" + "\n".join(paths))
+  if args.readme:
+    with open(args.readme) as f:
+      readme = f.read()
+    with open(args.readme, "w") as f:
+      f.write(replace_section(readme, text))
+
+
+if __name__ == "__main__":
+  main()
