@@ -93,6 +93,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
   weights = {k: float(config.loss_weights.get(k, 0.0)) for k in LOSSES}
   mcfg = model.config
   psl = config.psl
+  # ALBEF: ITM's fusion layers read the text layers' output of the ITC pass (as ALBEF does).
+  albef = mcfg.get("architecture", "simla") == "albef"
 
   def run(params, method, *args, rng=None, **kwargs):
     """Applies one SIMLA method; an `rng` means train mode (dropout on)."""
@@ -127,8 +129,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
       temp = obj.clamp_temperature(params["temp"], mcfg.temp_min, mcfg.temp_max)
       image_seq = run(params, SIMLA.embed_image, images, rng=drop(0))
       img = run(params, SIMLA.image_feature, image_seq)
-      txt = run(params, SIMLA.text_feature,
-                run(params, SIMLA.embed_text, ids, mask, rng=drop(1), cls_only=True))
+      text_seq = run(params, SIMLA.embed_text, ids, mask, rng=drop(1), cls_only=not albef)
+      txt = run(params, SIMLA.text_feature, text_seq)
       losses, stats = {}, {}
 
       itc, sim_i2t, sim_t2i = obj.itc_loss(img, txt, img_m, txt_m, state.extras["image_queue"],
@@ -147,8 +149,13 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
         # share_image_kv: each image's keys/values projected once, then gathered per pair.
         kv, kv_index = ((image_seq, image3) if config.share_image_kv
                         else (image_seq[image3], None))
-        fused3 = run(params, SIMLA.fuse, ids3, mask3, kv, image_index=kv_index, rng=drop(2),
-                     cls_only=True)
+        if albef:
+          text3 = jnp.concatenate([text_seq, text_seq, text_seq[neg_text]])
+          fused3 = run(params, SIMLA.fuse_text, text3, mask3, kv, image_index=kv_index,
+                       rng=drop(2), cls_only=True)
+        else:
+          fused3 = run(params, SIMLA.fuse, ids3, mask3, kv, image_index=kv_index, rng=drop(2),
+                       cls_only=True)
         losses["itm"], stats["itm_acc"] = obj.itm_loss(run(params, SIMLA.itm_logits, fused3))
 
       if weights["mlm"]:

@@ -294,7 +294,7 @@ class Bert(nn.Module):
   def encode(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
              kv_mask: jax.Array | None = None, *, kv_index: jax.Array | None = None,
              deterministic: bool = True, attention_layer: int | None = None,
-             cls_only: bool = False):
+             cls_only: bool = False, from_layer: int = 0):
     """Runs the layers over embedded queries: all of them (SIMLA; ALBEF with `kv`), or
     ALBEF's text layers [0, fusion_start) in text mode.
 
@@ -310,6 +310,8 @@ class Bert(nn.Module):
       cls_only: the last layer computes the first position only (whose attention reads
         every position): the same first row for 1/num_layers less work, when only the
         [CLS] output (ITC, ITM) or the last layer's [CLS] attention row (PSL) is used.
+      from_layer: 0, or ALBEF's fusion_start: `x` is then the text layers' output and only
+        the fusion layers run (ALBEF's ITM reuses its ITC pass's text output).
     Returns:
       (b, l, hidden), and with `attention_layer` also the probabilities (b, heads, l, l);
       with `cls_only`, (b, 1, hidden) and (b, heads, 1, l) for the last layer.
@@ -327,7 +329,11 @@ class Bert(nn.Module):
                          f"{depth} layers")
       attention_layer %= depth
     probs = None
-    segments = split_at(layer_segments(depth, attention_layer, cls_only), fuse_from)
+    if from_layer not in (0, fuse_from):
+      raise ValueError(f"BERT from_layer {from_layer}: only 0 or the fusion_start "
+                       f"{self.fusion_start} can start a pass")
+    segments = [s for s in split_at(layer_segments(depth, attention_layer, cls_only), fuse_from)
+                if s[0] >= from_layer]
     for start, stop, want_probs, queries in segments:
       fusion = start >= fuse_from
       kv_args = (kv, kv_bias, kv_index) if fusion else (None, None, None)

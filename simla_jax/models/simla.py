@@ -136,6 +136,18 @@ class SIMLA(nn.Module):
     return self.bert(ids, mask, image_seq, image_mask, kv_index=image_index,
                      deterministic=deterministic, cls_only=cls_only)
 
+  def fuse_text(self, text_seq: jax.Array, mask: jax.Array, image_seq: jax.Array,
+                image_mask: jax.Array | None = None, *, image_index: jax.Array | None = None,
+                deterministic: bool = True, cls_only: bool = False) -> jax.Array:
+    """ALBEF only: the fusion layers over `text_seq` (b, l, hidden), the text layers'
+    output (`embed_text`), cross-attending to the image; equals `fuse` on the same ids.
+    ALBEF's ITM reuses the text output of its ITC pass this way."""
+    if not self.is_albef:
+      raise ValueError("fuse_text: only model.architecture 'albef' has a separate text stack")
+    return self.bert.encode(text_seq, mask, image_seq, image_mask, kv_index=image_index,
+                            deterministic=deterministic, cls_only=cls_only,
+                            from_layer=self.bert.fusion_start)
+
   def fuse_with_attention(self, ids: jax.Array, mask: jax.Array, image_seq: jax.Array,
                           image_mask: jax.Array | None = None, *, layer: int = -1,
                           deterministic: bool = True,

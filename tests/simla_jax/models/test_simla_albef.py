@@ -141,8 +141,11 @@ def test_multimodal_mode_fuses_in_the_last_layers_only(albef_setup):
   assert err < TOL
   np.testing.assert_allclose(cls[:, 0], np.asarray(fused)[:, 0], rtol=0, atol=1e-5)
   assert probs.shape == (3, cfg.bert.heads, 7, 7)
-  # The image matters, and only through the fusion layers: the text layers' output is the
-  # text-mode output whatever the image.
+  # The fusion layers over the text-mode output (ALBEF's ITM reuses its ITC pass's).
+  text_seq = _apply(model, "embed_text")(params, ids, mask)
+  reused = _apply(model, "fuse_text")(params, text_seq, mask, image_seq, image_mask)
+  np.testing.assert_allclose(reused, fused, rtol=0, atol=1e-5)
+  # The image matters.
   other = _apply(model, "fuse")(params, ids, mask, image_seq[::-1], image_mask[::-1])
   assert rel_err(other, fused) > 1e-3
 
