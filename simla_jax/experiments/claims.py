@@ -152,8 +152,8 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(arm: str, seed: int, out: str, *, steps: int = 0, dvae_weights: str = "",
-            dvae_n_hid: int = 0) -> dict:
+def run_one(arm: str, seed: int, out: str, *, steps: int = 0, evals: int = EVALS,
+            dvae_weights: str = "", dvae_n_hid: int = 0) -> dict:
   """Trains one (arm, seed) into <out>/<arm>/seed<seed>, writes its result.json."""
   import jax
   from simla_jax import train as simla_train
@@ -161,7 +161,8 @@ def run_one(arm: str, seed: int, out: str, *, steps: int = 0, dvae_weights: str 
 
   workdir = run_dir(out, arm, seed)
   os.makedirs(workdir, exist_ok=True)
-  config = arm_config(arm, seed, steps=steps, dvae_weights=dvae_weights, dvae_n_hid=dvae_n_hid)
+  config = arm_config(arm, seed, steps=steps, evals=evals, dvae_weights=dvae_weights,
+                      dvae_n_hid=dvae_n_hid)
   flops_path = os.path.join(out, arm, "flops.json")
   if not os.path.exists(flops_path):
     with open(flops_path, "w") as f:
@@ -231,7 +232,7 @@ def launch(out: str, arm: str, seed: int, args) -> dict:
   """One run in a subprocess (a fresh process per run: memory and compile caches do not
   pile up); returns its wall and CPU seconds (user + sys of the child)."""
   cmd = [sys.executable, "-m", "simla_jax.experiments.claims", f"--out={out}",
-         f"--run_one={arm}", f"--seeds={seed}", f"--steps={args.steps}",
+         f"--run_one={arm}", f"--seeds={seed}", f"--steps={args.steps}", f"--evals={args.evals}",
          f"--dvae_weights={args.dvae_weights}", f"--dvae_n_hid={args.dvae_n_hid}"]
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
@@ -389,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated of {list(ARMS)}")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--steps", type=int, default=0, help="> 0: total_steps of every run")
+  p.add_argument("--evals", type=int, default=EVALS, help="evaluations per run")
   p.add_argument("--dvae_weights", default="", help="official dVAE encoder; '' = random")
   p.add_argument("--dvae_n_hid", type=int, default=64,
                  help="width of the random-weight dVAE (official 256; ignored with weights)")
@@ -408,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from run import enable_compile_cache
     enable_compile_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "simla_face_jax_xla"), 0.5)
-    run_one(args.run_one, seeds[0], args.out, steps=args.steps,
+    run_one(args.run_one, seeds[0], args.out, steps=args.steps, evals=args.evals,
             dvae_weights=args.dvae_weights, dvae_n_hid=args.dvae_n_hid)
     return
   if not args.report_only:
