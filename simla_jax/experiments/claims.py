@@ -404,8 +404,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   if unknown:
     p.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
   os.makedirs(args.out, exist_ok=True)
-  if args.dvae_weights:
-    args.dvae_n_hid = 0
   if args.run_one:
     from run import enable_compile_cache
     enable_compile_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
@@ -414,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             dvae_weights=args.dvae_weights, dvae_n_hid=args.dvae_n_hid)
     return
   if not args.report_only:
-    if "dvae" in arms and not args.dvae_weights:
+    if args.dvae_weights:          # official weights: the official width
+      args.dvae_n_hid = 0
+    elif "dvae" in arms:
       from simla_jax.experiments import random_dvae
       cfg = arm_config("simla", 0).data.mim
       cfg.dvae_n_hid = args.dvae_n_hid

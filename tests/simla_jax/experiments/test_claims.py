@@ -110,3 +110,22 @@ def test_readme_section_is_replaced():
   assert claims.replace_section(text, "new\n") == f"a\n{claims.BEGIN}\nnew\n{claims.END}\nb\n"
   with pytest.raises(ValueError, match="claims:begin"):
     claims.replace_section("no markers", "x")
+
+
+def test_dvae_arm_gets_a_random_dvae_that_its_config_loads(tmp_path, monkeypatch):
+  commands = []
+
+  def fake_call(cmd, stdout, stderr):
+    commands.append(cmd)
+    _write(tmp_path, "dvae", 0, _result("dvae", 0, 20.0))
+    return 0
+  monkeypatch.setattr(claims.subprocess, "call", fake_call)
+  claims.main([f"--out={tmp_path}", "--arms=dvae", "--seeds=0", "--dvae_n_hid=8"])
+  (cmd,) = commands
+  flags = dict(a.split("=", 1) for a in cmd if a.startswith("--"))
+  assert flags["--run_one"] == "dvae" and flags["--dvae_n_hid"] == "8"
+  # The child's config reads the written weights (same width).
+  c = claims.arm_config("dvae", 0, dvae_weights=flags["--dvae_weights"], dvae_n_hid=8)
+  from simla_jax.data import dvae
+  dvae.load_encoder_params(c.data.mim.dvae_weights, c.data.mim)
+  assert "random-weight dVAE" in (tmp_path / "claims.md").read_text()
