@@ -8,8 +8,9 @@ Each (arm, seed) trains `configs/simla.py` (`:albef` for ALBEF) with the arm's c
 subprocess, into <out>/<arm>/seed<k>. A run whose result.json exists is skipped; an
 unfinished one resumes from its checkpoint (its curve's times then restart from the last
 recorded evaluation). Then <out>/claims.md (the README table and verdicts), ablation.png
-and compute.png are written from every result.json found; `--readme` also replaces the
-README's text between `<!-- claims:begin -->` and `<!-- claims:end -->`.
+and compute.png (into `--figures`, default <out>) are written from every result.json found;
+`--readme` also replaces the README's text between `<!-- claims:begin -->` and
+`<!-- claims:end -->`.
 
 Arms: the loss ablation in the paper's order (Table 1: ITM, +ITC, +MLM, +MIM, +PSL = full
 SIMLA), ALBEF (`model.architecture="albef"`: ITC + ITM + MLM, text / fusion split of the same
@@ -396,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  help="width of the random-weight dVAE (official 256; ignored with weights)")
   p.add_argument("--report_only", action="store_true")
   p.add_argument("--readme", default="", help="README to update between the claims markers")
+  p.add_argument("--figures", default="", help="directory of the PNGs (default: --out)")
   p.add_argument("--run_one", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   arms = [a for a in args.arms.split(",") if a]
@@ -439,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   text = report(results)
   with open(os.path.join(args.out, "claims.md"), "w") as f:
     f.write(text)
-  paths = plots(results, args.out)
+  os.makedirs(args.figures or args.out, exist_ok=True)
+  paths = plots(results, args.figures or args.out)
   print(text + "\n" + "\n".join(paths))
   if args.readme:
     with open(args.readme) as f:
