@@ -257,13 +257,26 @@ def launch(out: str, arm: str, seed: int, args) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+def same_budget(a: Mapping[int, dict], b: Mapping[int, dict]) -> tuple[dict, dict]:
+  """The runs of two arms restricted to the seeds both ran with the same total_steps: only
+  those are paired."""
+  seeds = {s for s in set(a) & set(b) if a[s]["steps"] == b[s]["steps"]}
+  return {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
+
+
+def _test_diffs(a: Mapping[int, dict], b: Mapping[int, dict]):
+  a, b = same_budget(a, b)
+  return stats.paired_differences({s: r1(r["final"], "test") for s, r in a.items()},
+                                  {s: r1(r["final"], "test") for s, r in b.items()})
+
+
 def _arm_row(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None) -> list[str]:
   finals = {s: r["final"] for s, r in runs.items()}
   cell = lambda f: stats.fmt(*stats.mean_std([f(m) for m in finals.values()]))
   test = {s: r1(m, "test") for s, m in finals.items()}
   delta = "–"
   if ref is not None and arm != "simla":
-    d = stats.paired_differences(test, {s: r1(r["final"], "test") for s, r in ref.items()})
+    d = _test_diffs(runs, ref)
     if d.size:
       delta = f"{stats.fmt(*stats.mean_std(d))} ({stats.verdict(d)})"
   runs_ = list(runs.values())
@@ -282,26 +295,23 @@ def _arm_row(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None)
 
 def claim_verdicts(results: Mapping[str, Mapping[int, dict]]) -> dict[str, str]:
   """The three claims' verdicts (reading rules in the module docstring)."""
-  test = {a: {s: r1(r["final"], "test") for s, r in runs.items()}
-          for a, runs in results.items()}
   steps = []
   for prev, nxt in zip(ABLATION[:-1], ABLATION[1:]):
-    if prev in test and nxt in test:
-      d = stats.paired_differences(test[nxt], test[prev])
+    if prev in results and nxt in results:
+      d = _test_diffs(results[nxt], results[prev])
       if d.size:
         steps.append(stats.verdict(d))
   out = {"1": stats.ordered_verdict(steps), "2": "not run", "3": "not run"}
   if steps and len(steps) < len(ABLATION) - 1:
     out["1"] += " (partial: not every step was run)"
   if "simla" in results and "albef" in results:
-    d = stats.paired_differences(test["simla"], test["albef"])
+    simla, albef = same_budget(results["simla"], results["albef"])
+    d = _test_diffs(simla, albef)
     if d.size:
       out["2"] = stats.pair_verdict(stats.verdict(d))
-    x, d = stats.matched_compute(
-        {s: dict(r, curve=[dict(p, r1=r1(p, "test")) for p in r["curve"]])
-         for s, r in results["simla"].items()},
-        {s: dict(r, curve=[dict(p, r1=r1(p, "test")) for p in r["curve"]])
-         for s, r in results["albef"].items()}, "flops", "r1")
+    with_r1 = lambda runs: {s: dict(r, curve=[dict(p, r1=r1(p, "test")) for p in r["curve"]])
+                            for s, r in runs.items()}
+    x, d = stats.matched_compute(with_r1(simla), with_r1(albef), "flops", "r1")
     if d.size:
       out["3"] = (f"{stats.pair_verdict(stats.verdict(d))}: at {x / 1e12:.1f} TFLOPs, "
                   f"SIMLA - ALBEF = {stats.fmt(*stats.mean_std(d))} R@1 points")

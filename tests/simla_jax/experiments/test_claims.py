@@ -105,6 +105,13 @@ def test_partial_study_says_so():
   assert v["1"] == "not run" and v["2"] == "undecided (1 seed)"
 
 
+def test_runs_of_different_lengths_are_not_paired():
+  results = {"simla": {0: _result("simla", 0, 20.0, steps=300)},
+             "albef": {0: _result("albef", 0, 18.0, steps=1000)}}
+  assert claims.claim_verdicts(results)["2"] == "not run"
+  assert "| ALBEF | 0 | 1000 |" in claims.report(results)
+
+
 def test_readme_section_is_replaced():
   text = f"a\n{claims.BEGIN}\nold\n{claims.END}\nb\n"
   assert claims.replace_section(text, "new\n") == f"a\n{claims.BEGIN}\nnew\n{claims.END}\nb\n"
