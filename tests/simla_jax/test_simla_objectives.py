@@ -71,6 +71,22 @@ def test_hard_negatives_never_pick_the_positive_and_follow_similarity():
   assert np.all(counts[np.arange(b), (np.arange(b) + 1) % b] >= 45)
 
 
+def test_random_negatives_ignore_similarity():
+  """hard=False: uniform over the other rows, however strongly one of them is favoured."""
+  b = 4
+  sim = np.full((b, b), -50.0, np.float32)
+  sim[np.arange(b), (np.arange(b) + 1) % b] = 50.0   # a hard draw would always take this one
+  counts = np.zeros((b, b))
+  for seed in range(60):
+    neg_t, neg_i = obj.sample_hard_negatives(jax.random.key(seed), sim, sim, hard=False)
+    counts[np.arange(b), np.asarray(neg_t)] += 1
+    counts[np.arange(b), np.asarray(neg_i)] += 1
+  assert np.all(np.diag(counts) == 0)
+  # 120 draws per row over 3 candidates: each near 40, far from the hard draw's 120 / 0 / 0.
+  off = counts[~np.eye(b, dtype=bool)]
+  assert off.min() >= 20 and off.max() <= 60
+
+
 def test_device_negatives_never_cross_shards():
   """negatives_from="device": under jit on a batch sharded over 8 devices, every negative
   comes from the row's own shard; drawn from the whole batch, they do cross."""
