@@ -40,8 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ITM hard negatives: "device" draws each row's negatives among the rows of its own
   # data-parallel shard (the official code samples per GPU: 63 candidates at 8 x 64);
   # "global" among the whole global batch (harder negatives, more false negatives).
-  # negatives: "hard" (official: drawn from the softmax of the ITC similarities) | "random".
-  c.itm = ml_collections.ConfigDict(dict(negatives_from="device", negatives="hard"))
+  # random_negatives: the fraction of rows whose negatives are drawn uniformly instead of
+  # from the softmax of the ITC similarities (0: the official hard negatives).
+  c.itm = ml_collections.ConfigDict(dict(negatives_from="device", random_negatives=0.0))
   # MLM vocabulary logits only at masked positions: per group of `group_rows` rows (a group
   # stays on one device), up to `capacity` positions; a group with more masked tokens
   # computes every position (exact either way). capacity 0: logits at every position.

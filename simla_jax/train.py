@@ -53,9 +53,6 @@ def resolve_model_config(config, tokenizer, targeter) -> ml_collections.ConfigDi
 
 
 NEGATIVES_FROM = ("device", "global")
-# ITM negatives: "hard" draws them from the softmax of the ITC similarities (official);
-# "random" uniformly among the other rows of the same block.
-NEGATIVES = ("hard", "random")
 
 
 def batch_shards(config, mesh) -> int:
@@ -71,8 +68,8 @@ def check_config(config, mesh=None) -> None:
   itm = config.get("itm") or {}
   if itm.get("negatives_from", "global") not in NEGATIVES_FROM:
     raise ValueError(f"itm.negatives_from {itm.negatives_from!r}: choose one of {NEGATIVES_FROM}")
-  if itm.get("negatives", "hard") not in NEGATIVES:
-    raise ValueError(f"itm.negatives {itm.negatives!r}: choose one of {NEGATIVES}")
+  if not 0.0 <= itm.get("random_negatives", 0.0) <= 1.0:
+    raise ValueError(f"itm.random_negatives {itm.random_negatives} must lie in [0, 1]")
   shards = batch_shards(config, mesh)
   if shards > 1 and config.batch_size // shards < 2:
     raise ValueError(f"itm.negatives_from='device' draws ITM negatives within each of the "
@@ -96,7 +93,7 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
   global batch (the data-parallel shards).
   """
   weights = {k: float(config.loss_weights.get(k, 0.0)) for k in LOSSES}
-  hard_negatives = (config.get("itm") or {}).get("negatives", "hard") == "hard"
+  random_negatives = float((config.get("itm") or {}).get("random_negatives", 0.0))
   mcfg = model.config
   psl = config.psl
 
@@ -143,7 +140,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
 
       if weights["itm"]:
         neg_text, neg_image = obj.sample_hard_negatives(k_neg, sim_i2t[:, :b], sim_t2i[:, :b],
-                                                        shards=shards, hard=hard_negatives)
+                                                        shards=shards,
+                                                        random_fraction=random_negatives)
         # One multimodal pass over 3B pairs: (text, image), (text, its negative image),
         # (negative text, image).
         ids3 = jnp.concatenate([ids, ids, ids[neg_text]])

@@ -47,8 +47,8 @@ def test_config_errors_name_the_key():
 
 def test_itm_negatives_kind_is_checked():
   c = simla_config.get_config("tiny")
-  c.itm.negatives = "easy"
-  with pytest.raises(ValueError, match="itm.negatives 'easy'"):
+  c.itm.random_negatives = 2.0
+  with pytest.raises(ValueError, match="itm.random_negatives 2.0"):
     simla_train.check_config(c)
 
 
