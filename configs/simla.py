@@ -117,6 +117,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
   c.data.max_len = 24                 # 90 % of shapes captions fit
+  # ITM: with only hard negatives the small model never beats the 2:1 prior of "no match"
+  # in 1,000 steps (train accuracy 0.667 throughout, re-ranking lowered R@1); half the rows
+  # take a uniformly drawn negative instead (README, "What the default runs show").
+  c.itm.random_negatives = 0.5
+  # rbg keys: the dropout masks compile in far less time than threefry's (CPU).
+  c.rng_impl = "rbg"
+  c.eval.splits = ("val", "test", "comp")
   # Two grain threads build the next two batches (64 examples) while XLA runs a step.
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
   c.model.vit.update(width=128, depth=3, heads=4, mlp_dim=512)
