@@ -64,10 +64,13 @@ def enqueue(queue_q_e, feats_b_e, ptr):
 
 
 # --------------------------------------------------------------------------- ITM
-def sample_hard_negatives(rng, sim_i2t_b_b, sim_t2i_b_b, shards: int = 1):
+def sample_hard_negatives(rng, sim_i2t_b_b, sim_t2i_b_b, shards: int = 1,
+                          random_fraction: float = 0.0):
   """One negative text per image and one negative image per text (spec §2.2).
 
   Drawn from the softmax of the in-batch similarities with the diagonal excluded.
+  `random_fraction` (0 = official): each row's negative is instead drawn uniformly among
+  the other rows with this probability (1: all random negatives).
   `shards` > 1: the batch is that many contiguous blocks (the data-parallel shards of the
   global batch) and a row's negative is drawn only within its own block, as the official
   code draws them per GPU; the blocks are taken from the (shards, per_shard, shards,
@@ -83,6 +86,12 @@ def sample_hard_negatives(rng, sim_i2t_b_b, sim_t2i_b_b, shards: int = 1):
                      f"(batch {b}, {shards} shards); use itm.negatives_from='global'")
   rng_t, rng_i = jax.random.split(rng)
   sims = jax.lax.stop_gradient((sim_i2t_b_b.astype(jnp.float32), sim_t2i_b_b.astype(jnp.float32)))
+  if not 0.0 <= random_fraction <= 1.0:
+    raise ValueError(f"ITM random_fraction {random_fraction} must lie in [0, 1]")
+  if random_fraction > 0:   # equal logits on a row: uniform over its candidates
+    coins = [jax.random.bernoulli(jax.random.fold_in(rng, i), random_fraction, (b, 1))
+             for i in (2, 3)]
+    sims = tuple(jnp.where(c, 0.0, s) for c, s in zip(coins, sims))
   if shards == 1:
     off_diag = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, 0.0)
     neg_text = jax.random.categorical(rng_t, sims[0] + off_diag, axis=-1)

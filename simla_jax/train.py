@@ -68,6 +68,8 @@ def check_config(config, mesh=None) -> None:
   itm = config.get("itm") or {}
   if itm.get("negatives_from", "global") not in NEGATIVES_FROM:
     raise ValueError(f"itm.negatives_from {itm.negatives_from!r}: choose one of {NEGATIVES_FROM}")
+  if not 0.0 <= itm.get("random_negatives", 0.0) <= 1.0:
+    raise ValueError(f"itm.random_negatives {itm.random_negatives} must lie in [0, 1]")
   shards = batch_shards(config, mesh)
   if shards > 1 and config.batch_size // shards < 2:
     raise ValueError(f"itm.negatives_from='device' draws ITM negatives within each of the "
@@ -91,6 +93,7 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
   global batch (the data-parallel shards).
   """
   weights = {k: float(config.loss_weights.get(k, 0.0)) for k in LOSSES}
+  random_negatives = float((config.get("itm") or {}).get("random_negatives", 0.0))
   mcfg = model.config
   psl = config.psl
   # ALBEF: ITM's fusion layers read the text layers' output of the ITC pass (as ALBEF does).
@@ -139,7 +142,8 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
 
       if weights["itm"]:
         neg_text, neg_image = obj.sample_hard_negatives(k_neg, sim_i2t[:, :b], sim_t2i[:, :b],
-                                                        shards=shards)
+                                                        shards=shards,
+                                                        random_fraction=random_negatives)
         # One multimodal pass over 3B pairs: (text, image), (text, its negative image),
         # (negative text, image).
         ids3 = jnp.concatenate([ids, ids, ids[neg_text]])
@@ -226,6 +230,23 @@ def make_train_step(config, model: SIMLA, tx, schedule, tokenizer, targeter, sha
   return train_step
 
 
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def check_rng_impl(impl: str) -> str:
+  if impl not in RNG_IMPLS:
+    raise ValueError(f"rng_impl {impl!r}: choose one of {RNG_IMPLS}")
+  return impl
+
+
+def state_key(rng: jax.Array, impl: str) -> jax.Array:
+  """A key of PRNG implementation `impl` drawn from `rng` (the run's seed key): the state's
+  key, which every dropout mask, MLM mask and ITM negative of the run derives from."""
+  if str(jax.random.key_impl(rng)) == check_rng_impl(impl):
+    return rng
+  return jax.random.key(jax.random.bits(rng, (), jnp.uint32), impl=impl)
+
+
 def make_init(config, model: SIMLA, tx, targeter, public_weights=None):
   """rng -> TrainState with params, momentum copies, ITC queues and frozen MIM targets.
 
@@ -239,6 +260,7 @@ def make_init(config, model: SIMLA, tx, targeter, public_weights=None):
     extras = dict(momentum=init_momentum(params),
                   mim_target=jax.tree.map(jnp.asarray, targeter.init_state()),
                   **init_queues(k_queues, config.queue_size, model.config.embed_dim))
+    k_state = state_key(k_state, config.get("rng_impl", "threefry2x32"))
     return TrainState.create(params=params, tx=tx, rng=k_state, extras=extras)
 
   return init
@@ -247,6 +269,7 @@ def make_init(config, model: SIMLA, tx, targeter, public_weights=None):
 def make_task(config, mesh) -> Task:
   # Parameter shardings come from their logical axis names; the mesh sets the ITM blocks.
   check_config(config, mesh)
+  check_rng_impl(config.get("rng_impl", "threefry2x32"))
   init_cfg = config.get("init") or pretrained.init_config()
   pretrained.check_files(init_cfg)     # before any data is read: a missing file is named
   tokenizer = pipeline.make_tokenizer(config.data)

@@ -71,6 +71,38 @@ def test_hard_negatives_never_pick_the_positive_and_follow_similarity():
   assert np.all(counts[np.arange(b), (np.arange(b) + 1) % b] >= 45)
 
 
+def test_random_negatives_ignore_similarity():
+  """random_fraction=1: uniform over the other rows, however strongly one is favoured."""
+  b = 4
+  sim = np.full((b, b), -50.0, np.float32)
+  sim[np.arange(b), (np.arange(b) + 1) % b] = 50.0   # a hard draw would always take this one
+  counts = np.zeros((b, b))
+  for seed in range(60):
+    neg_t, neg_i = obj.sample_hard_negatives(jax.random.key(seed), sim, sim,
+                                              random_fraction=1.0)
+    counts[np.arange(b), np.asarray(neg_t)] += 1
+    counts[np.arange(b), np.asarray(neg_i)] += 1
+  assert np.all(np.diag(counts) == 0)
+  # 120 draws per row over 3 candidates: each near 40, far from the hard draw's 120 / 0 / 0.
+  off = counts[~np.eye(b, dtype=bool)]
+  assert off.min() >= 20 and off.max() <= 60
+
+
+def test_random_fraction_mixes_hard_and_uniform_draws():
+  b = 8
+  sim = np.full((b, b), -50.0, np.float32)
+  hard = (np.arange(b) + 1) % b
+  sim[np.arange(b), hard] = 50.0
+  took_hard = []
+  for seed in range(40):
+    neg_t, _ = obj.sample_hard_negatives(jax.random.key(seed), sim, sim, random_fraction=0.5)
+    took_hard.append(np.asarray(neg_t) == hard)
+  # Half the rows random (then 1/7 of them still hit the hard one): 0.5 + 0.5 / 7 = 0.57.
+  assert 0.45 < np.mean(took_hard) < 0.7
+  with pytest.raises(ValueError, match="random_fraction 1.5"):
+    obj.sample_hard_negatives(jax.random.key(0), sim, sim, random_fraction=1.5)
+
+
 def test_device_negatives_never_cross_shards():
   """negatives_from="device": under jit on a batch sharded over 8 devices, every negative
   comes from the row's own shard; drawn from the whole batch, they do cross."""

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,6 +43,32 @@ def test_config_errors_name_the_key():
   c.itm.negatives_from = "gpu"
   with pytest.raises(ValueError, match="itm.negatives_from 'gpu'"):
     simla_train.check_config(c)
+
+
+def test_itm_negatives_kind_is_checked():
+  c = simla_config.get_config("tiny")
+  c.itm.random_negatives = 2.0
+  with pytest.raises(ValueError, match="itm.random_negatives 2.0"):
+    simla_train.check_config(c)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_state_key_has_the_configured_prng_impl(impl):
+  """config.rng_impl reaches the train state's key (every dropout mask derives from it)."""
+  c = simla_config.get_config("tiny")
+  c.rng_impl = impl
+  task = simla_train.make_task(c, sharding.make_mesh(c.mesh))
+  state = jax.eval_shape(task.init, jax.random.key(0))     # traced, nothing compiled
+  assert state.rng.dtype == jax.random.key(0, impl=impl).dtype
+
+
+def test_unknown_rng_impl_is_a_clear_error():
+  with pytest.raises(ValueError, match="rng_impl 'philox'"):
+    simla_train.state_key(jax.random.key(0), "philox")
+  c = simla_config.get_config("tiny")
+  c.rng_impl = "fast"
+  with pytest.raises(ValueError, match="rng_impl 'fast'"):
+    simla_train.make_task(c, sharding.make_mesh(c.mesh))
 
 
 def test_device_negatives_follow_the_data_parallel_shards():
