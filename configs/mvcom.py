@@ -7,9 +7,16 @@ Variants (comma-separated, applied in order):
   cosface              plain CosFace (s, m0), no learned margin
   arcface              plain ArcFace (margin in the angle)
   fixed_group_margins  CosFace with hand-set larger margins for the minority groups
+  ldam                 CosFace with a hand-set LDAM-style class-prior margin (rare ids larger)
   balanced             CosFace with group-balanced sampling
   l2rw                 CosFace with learning-to-reweight weights from the meta set
   predicted            MvCoM with attributes predicted by auxiliary heads (not oracle)
+  prototype            MvCoM whose meta objective is the open-set prototype loss on new
+                       identities, meta batch stratified by group (face_jax/steps.py)
+  mwnet                meta optimiser as Meta-Weight-Net: Adam 1e-3, weight decay 1e-4
+  joint_bias           the world where margins matter (issue 15): crowded minorities,
+                       group x variation rates, look-alike identities, continuous variation
+                       degrees, training long enough for the margin to bind
   paper                IResNet-100 on an MS1MV2-style .rec (insightface recipe); set
                        data.rec_prefix / meta_rec_prefix / val_bins to your files
 """
@@ -18,7 +25,8 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("cosface", "arcface", "fixed_group_margins", "balanced", "l2rw", "predicted", "paper")
+VARIANTS = ("cosface", "arcface", "fixed_group_margins", "ldam", "balanced", "l2rw", "predicted",
+            "prototype", "mwnet", "joint_bias", "paper")
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -63,8 +71,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       group_specificity=(0.0, 0.7, 0.9),    # weight of each group's own render subspace
       num_train_ids=2000, images_per_id=(4, 8),
       meta_ids_per_group=12, meta_images_per_id=4,
+      meta_ids_by_group=(),      # one count per group (an unbalanced meta set); () -> the above
       test_ids_per_group=150, test_images_per_id=10, pairs_per_cell=3000,
       train_variation_rate=0.1, meta_variation_rate=0.5, test_variation_rate=0.3,
+      train_variation_rates=(),  # per group (pose, occlusion, blur) rates; () -> the rate above
+      meta_variation_rates=(),   # the same for the meta split
+      variation_degrees=False,   # record a continuous degree per variation (scales it)
+      degree_min=0.3,            # degrees ~ U(degree_min, 1)
+      hard_fraction=(0.0, 0.0, 0.0),   # look-alike identities per group
+      hard_distance=0.5,         # look-alike code = sqrt(1-d^2) z_partner + d z_own
+      meta_identities="train",   # train: held-out images of training ids | heldout: new ids
+      meta_sampling="uniform",   # uniform | stratified (equal ids per group, all their images)
+      group_variation_pairs=False,   # also test pairs per group x variation cell
       pose_shift=4,              # px
       pose_ramp=0.5,             # illumination ramp amplitude
       occlusion_fraction=0.4,    # of the image height
@@ -97,18 +115,26 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       s=30.0, m1=1.0, m2=0.0, m3=0.35, margin_slot="m3", straight_through=True))
 
-  c.method = "mvcom"             # plain | fixed_group_margins | mvcom | l2rw
-  c.fixed_group_margins = (0.0, 0.1, 0.2)   # added to m0 per group
+  c.method = "mvcom"             # plain | fixed_margins | mvcom | l2rw
+  # method fixed_margins: m0 + group[g] + sum_v v * flag_v (or degree) + class_prior * q(y)
+  c.fixed_margins = ml_collections.ConfigDict(dict(
+      group=(0.0, 0.0, 0.0), pose=0.0, occlusion=0.0, blur=0.0, class_prior=0.0))
 
   c.mvcom = ml_collections.ConfigDict(dict(
       factors=(("group", 3), ("pose", 1), ("occlusion", 1), ("blur", 1)),
       attributes="oracle",       # oracle (from the data) | predicted (attribute heads)
       attr_loss_weight=0.1,      # attribute-head loss weight (predicted)
       bound=0.3,                 # largest margin offset per factor
-      class_bound=0.0,           # largest class-prior offset (0: no class term)
+      class_bound=0.1,           # largest class-prior offset (patent's class-level term;
+                                 # its prior is 0 when all identities have equal counts)
+      degrees=False,             # binary factors as continuous degrees where the batch has them
       center=True,               # subtract the batch mean offset (learn relative margins)
+      meta_objective="ce",       # ce (held-out images of training ids) | prototype (open set)
       meta_lr=1e-2,              # Adam on the margin parameters
       meta_weight_decay=0.0,
+      frozen=False,              # ablation: margins fixed at init_offsets, no meta step
+      init_offsets=(),           # ((name, offsets), ...) in margin units; default 0 (= m0)
+      shuffle_attributes=False,  # ablation: each sample gets another sample's attributes
       meta_every=1,              # bilevel update every k steps
       virtual_lr_scale=1.0,      # virtual step size = scale * current learning rate
       meta_dtype="float32",      # meta passes compute in float32 (bf16 models too) | model
@@ -131,7 +157,11 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.method = "plain"
     c.loss.update(m1=1.0, m2=0.5, m3=0.0, margin_slot="m2")
   elif variant == "fixed_group_margins":
-    c.method = "fixed_group_margins"
+    c.method = "fixed_margins"
+    c.fixed_margins.group = (0.0, 0.1, 0.2)
+  elif variant == "ldam":
+    c.method = "fixed_margins"
+    c.fixed_margins.class_prior = 0.1
   elif variant == "balanced":
     c.method = "plain"
     c.data.sampling = "group_balanced"
@@ -139,6 +169,13 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.method = "l2rw"
   elif variant == "predicted":
     c.mvcom.attributes = "predicted"
+  elif variant == "prototype":
+    c.mvcom.meta_objective = "prototype"
+    c.data.update(meta_identities="heldout", meta_sampling="stratified")
+  elif variant == "mwnet":
+    c.mvcom.update(meta_lr=1e-3, meta_weight_decay=1e-4)
+  elif variant == "joint_bias":
+    _joint_bias_world(c)
   elif variant == "paper":
     c.batch_size = 512
     c.total_steps = 20 * 5_822_653 // 512          # 20 epochs of MS1MV2
@@ -165,3 +202,22 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.eval.batch_size = 256
   else:
     raise ValueError(f"configs/mvcom.py: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+
+
+def _joint_bias_world(c: ml_collections.ConfigDict) -> None:
+  """Several biases at once, sized so training fits its identities (the margin binds)."""
+  c.total_steps = 800
+  c.data.update(
+      num_train_ids=400, images_per_id=(6, 14),
+      group_fractions=(0.85, 0.11, 0.04),
+      group_spread=(1.0, 0.75, 0.6),                 # crowded minorities
+      hard_fraction=(0.1, 0.3, 0.3), hard_distance=0.5,
+      # (pose, occlusion, blur): the majority with more pose, the minorities blurrier and
+      # more occluded.
+      train_variation_rates=((0.25, 0.05, 0.05), (0.1, 0.2, 0.3), (0.1, 0.3, 0.4)),
+      meta_variation_rates=((0.2, 0.2, 0.2),) * 3,
+      variation_degrees=True,
+      meta_ids_per_group=16, meta_images_per_id=4,
+      test_ids_per_group=120, test_images_per_id=8,
+      group_variation_pairs=True)
+  c.mvcom.degrees = True

@@ -33,8 +33,9 @@ def sgd_lookahead(params: Params, grads: Params, lr) -> Params:
 
 def lookahead_meta_loss(phi: Params, theta: Params,
                         train_loss: Callable[[Params, Params], jax.Array],
-                        meta_loss: Callable[[Params], jax.Array], lr) -> jax.Array:
-  """meta_loss(theta - lr * grad_theta train_loss(theta, phi)); differentiable in phi."""
+                        meta_loss: Callable[[Params], Any], lr):
+  """meta_loss(theta - lr * grad_theta train_loss(theta, phi)); differentiable in phi.
+  Returns what meta_loss returns (a scalar, or (scalar, aux) for value_and_grad's has_aux)."""
   grads = jax.grad(train_loss)(theta, phi)
   return meta_loss(sgd_lookahead(theta, grads, lr))
 

@@ -2,16 +2,20 @@
 
   m_i = m0 + class_bound * tanh(beta) * q(y_i) + sum_k bound * <tanh(alpha_k), v_ik>
 
+The patent's class-level weight plus a sample-level one (specs/mvcom.md §1.1, claim 2).
 k runs over the variation factors (group, pose, occlusion, blur); v_ik is sample i's
 encoding of factor k: a one-hot (or, for predicted attributes, a probability vector) over
-the factor's categories, or a (1,)-vector for a binary factor. alpha_k has one entry per
-category, so f_k(v) = bound * <tanh(alpha_k), v> is a learned margin offset per category
-(a generalised additive model with one bounded term per factor). q(y) is a class prior
-(standardised n_y^(-1/4), LDAM-style; 0 when all classes are equally frequent).
+the factor's categories, or a (1,)-vector for a binary factor holding its flag or its
+continuous degree in [0, 1] (sample level: a blurrier image gets a proportionally larger
+offset). alpha_k has one entry per category, so f_k(v) = bound * <tanh(alpha_k), v> is a
+learned margin offset per category (a generalised additive model with one bounded term
+per factor). q(y) is a class prior: n_y^(-1/4) centred and divided by its largest
+magnitude (LDAM's shape, the rarest class at +1; 0 when all classes are equally frequent).
 
-All parameters start at 0, so training starts exactly at the base margin m0, and
-|m_i - m0| <= class_bound + (number of factors) * bound. Reconstruction of the paper's
-model, see specs/mvcom.md §1.4 (UNVERIFIED in detail).
+All parameters start at 0, so training starts exactly at the base margin m0. Encodings are
+clipped to [0, 1] (a categorical one scaled to sum <= 1) and q to [-1, 1], so |m_i - m0| <= class_bound + (number of factors) *
+bound for any input (tested). Reconstruction of the paper's model, see specs/mvcom.md §1.4
+(UNVERIFIED in detail).
 """
 
 from typing import Mapping, Sequence
@@ -44,12 +48,17 @@ class AdditiveMargin(nn.Module):
       alpha = self.param(name, nn.initializers.zeros, (size,), jnp.float32)
       if name not in attributes:
         raise KeyError(f"AdditiveMargin: no attribute {name!r} (have {sorted(attributes)})")
-      margin = margin + self.bound * attributes[name].astype(alpha.dtype) @ jnp.tanh(alpha)
+      v = jnp.clip(attributes[name].astype(alpha.dtype), 0.0, 1.0)
+      if size > 1:   # one-hot / softmax sum to 1 already; anything else is scaled to sum <= 1
+        v = v / jnp.maximum(jnp.sum(v, -1, keepdims=True), 1.0)
+      # So <tanh(alpha), v> is in [-1, 1] for every factor.
+      margin = margin + self.bound * v @ jnp.tanh(alpha)
     if self.class_bound:
       beta = self.param("class", nn.initializers.zeros, (), jnp.float32)
       if class_prior is None:
         raise ValueError("AdditiveMargin: class_bound > 0 needs a class_prior")
-      margin = margin + self.class_bound * jnp.tanh(beta) * class_prior.astype(beta.dtype)
+      q = jnp.clip(class_prior.astype(beta.dtype), -1.0, 1.0)
+      margin = margin + self.class_bound * jnp.tanh(beta) * q
     return margin
 
 
@@ -62,11 +71,14 @@ def factor_offsets(params, bound: float, class_bound: float = 0.0) -> dict[str, 
 
 
 def oracle_attributes(batch: Mapping[str, jax.Array], factors: Sequence[tuple[str, int]],
-                      prefix: str = "") -> dict[str, jax.Array]:
-  """Encodings from attributes stored in the batch: categorical -> one-hot, binary -> (b, 1)."""
+                      prefix: str = "", degrees: bool = False) -> dict[str, jax.Array]:
+  """Encodings from attributes stored in the batch: categorical -> one-hot, binary -> (b, 1)
+  holding the flag, or with `degrees` the continuous `<name>_degree` where the batch has it."""
   out = {}
   for name, size in factors:
     key = prefix + name
+    if degrees and size == 1 and f"{key}_degree" in batch:
+      key = f"{key}_degree"
     if key not in batch:
       raise KeyError(f"batch has no attribute {key!r} (keys: {sorted(batch)})")
     v = batch[key]
@@ -106,12 +118,31 @@ def attribute_loss(logits: jax.Array, batch: Mapping[str, jax.Array],
 
 
 def class_prior(counts: np.ndarray, power: float = -0.25) -> np.ndarray:
-  """(c,) images per class -> (c,) standardised n^power (0 if all counts are equal)."""
+  """(c,) images per class -> (c,) n^power centred and scaled to max |q| = 1 (LDAM's
+  n^(-1/4) shape: the rarest class at the top), 0 if all counts are equal."""
   q = np.asarray(counts, np.float64) ** power
-  std = q.std()
-  return ((q - q.mean()) / std if std > 0 else np.zeros_like(q)).astype(np.float32)
+  q = q - q.mean()
+  scale = np.abs(q).max()
+  return (q / scale if scale > 1e-12 else np.zeros_like(q)).astype(np.float32)
 
 
-def fixed_group_margins(groups: jax.Array, base: float, offsets: Sequence[float]) -> jax.Array:
-  """Hand-set per-group margins (baseline): (b,) group ids -> m0 + offsets[group]."""
-  return base + jnp.asarray(offsets, jnp.float32)[groups]
+def fixed_margins(batch: Mapping[str, jax.Array], base: float, offsets,
+                  degrees: bool = False) -> jax.Array:
+  """Hand-set margins (baselines and the positive control) -> (b,):
+
+    m0 + offsets.group[group] + sum_v offsets[v] * v_i + offsets.class_prior * q(y_i)
+
+  v_i: the flag of variation v, or its degree with `degrees`; an entry that is 0 (or an
+  empty group tuple) needs no batch key. offsets: config.fixed_margins.
+  """
+  margin = jnp.asarray(base, jnp.float32)
+  if len(offsets["group"]) and any(offsets["group"]):
+    margin = margin + jnp.asarray(offsets["group"], jnp.float32)[batch["group"]]
+  for name, value in offsets.items():
+    if name in ("group", "class_prior") or not value:
+      continue
+    key = f"{name}_degree" if degrees and f"{name}_degree" in batch else name
+    margin = margin + float(value) * batch[key].astype(jnp.float32)
+  if offsets["class_prior"]:
+    margin = margin + float(offsets["class_prior"]) * batch["class_prior"].astype(jnp.float32)
+  return jnp.broadcast_to(margin, batch["label"].shape)

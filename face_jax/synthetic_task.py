@@ -31,7 +31,13 @@ class SyntheticBatches:
       self.sampler = sampling.GroupBalancedSampler(groups, config.batch_size, config.seed, salt=1)
     else:
       self.sampler = sampling.EpochSampler(len(faces), config.batch_size, config.seed, salt=1)
-    self.meta_sampler = sampling.EpochSampler(faces.size("meta"), d.meta_batch_size, config.seed, salt=2)
+    if d.meta_sampling == "stratified":
+      self.meta_sampler = sampling.StratifiedIdentitySampler(
+          faces.meta_groups, d.meta_images_per_id, d.meta_batch_size, config.seed, salt=2)
+    elif d.meta_sampling == "uniform":
+      self.meta_sampler = sampling.EpochSampler(faces.size("meta"), d.meta_batch_size, config.seed, salt=2)
+    else:
+      raise ValueError(f"config.data.meta_sampling={d.meta_sampling!r}; known: uniform, stratified")
     self.seed = config.seed
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:

@@ -7,6 +7,9 @@ its own rows.
   EpochSampler          each epoch a fresh permutation of all examples (the usual shuffle)
   GroupBalancedSampler  each batch draws groups uniformly, then an example of that group
                         uniformly: the group-balanced sampling baseline
+  StratifiedIdentitySampler  each batch the same number of identities from every group,
+                        with all their images (a group-stratified meta batch that a
+                        prototype loss can use)
 """
 
 import functools
@@ -49,6 +52,34 @@ class GroupBalancedSampler:
     pick = rng.random(self.b)
     return np.array([self.members[g][int(p * len(self.members[g]))] for g, p in zip(which, pick)],
                     np.int64)
+
+
+class StratifiedIdentitySampler:
+  """Batch j: `batch_size // (groups * images_per_id)` identities of each group, drawn
+  without replacement, each with all its `images_per_id` consecutive examples.
+
+  Identity k owns examples [k * images_per_id, (k + 1) * images_per_id).
+  """
+
+  def __init__(self, identity_groups: np.ndarray, images_per_id: int, batch_size: int,
+               seed: int, salt: int = 0):
+    identity_groups = np.asarray(identity_groups)
+    self.members = [np.flatnonzero(identity_groups == g) for g in np.unique(identity_groups)]
+    self.k, self.b = int(images_per_id), int(batch_size)
+    per_group, rest = divmod(self.b, len(self.members) * self.k)
+    if rest or per_group < 1:
+      raise ValueError(f"stratified meta batch: batch size {self.b} is not a positive multiple of "
+                       f"{len(self.members)} groups x {self.k} images per identity")
+    small = min(len(m) for m in self.members)
+    if per_group > small:
+      raise ValueError(f"stratified meta batch: {per_group} identities per group needed, the "
+                       f"smallest group has {small}")
+    self.per_group, self.seed, self.salt = per_group, int(seed), int(salt)
+
+  def __call__(self, j: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, self.salt, j])
+    ids = np.concatenate([rng.choice(m, self.per_group, replace=False) for m in self.members])
+    return (ids[:, None] * self.k + np.arange(self.k)[None, :]).reshape(-1).astype(np.int64)
 
 
 def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:

@@ -15,16 +15,29 @@ rho_g > 0 puts much of its identity signal where the majority has none; its code
 also scaled by `group_spread[g]` < 1 (identities closer together). Training identities
 follow `group_fractions` (e.g. 0.80 / 0.17 / 0.03); specs/mvcom.md §6.4 lesson 1.
 
+Hard identities. A fraction `hard_fraction[g]` of each group's identities are look-alikes:
+their code is sqrt(1 - d^2) z_partner + d z_own (d = `hard_distance`) for another identity
+of the same group and split, so each group has identities that only a tight margin keeps
+apart.
+
 Variations. Pose, occlusion and blur (data/variations.py) are applied independently at
-a per-split rate; the attributes are recorded with every image.
+a per-split rate, or per group x variation (`train_variation_rates`, `meta_variation_rates`:
+one (pose, occlusion, blur) triple per group, e.g. the minority blurrier and more occluded);
+the flags are recorded with every image. With `variation_degrees` each applied variation
+also has a continuous degree u ~ U(degree_min, 1) that scales it (shift, band height, blur
+sigma), recorded as `<variation>_degree` (0 when the variation is absent).
 
 Splits.
   train  `num_train_ids` identities, a variable number of images each (long tail)
-  meta   held-out images of training identities: `meta_ids_per_group` of each group,
-         variations at `meta_variation_rate` (balanced over groups and variations)
+  meta   `meta_ids_per_group` identities of each group (or `meta_ids_by_group`, one count
+         per group, for an unbalanced meta set), `meta_images_per_id` images each,
+         variations at `meta_variation_rate(s)`; `meta_identities` "train": held-out images
+         of training identities, "heldout": new identities (neither train nor test), for an
+         open-set meta objective
   test   `test_ids_per_group` new identities per group (disjoint from training)
 Test pairs (`test_pairs`): per group, genuine and same-group impostor pairs; per
-variation, pairs of one image with that variation against a clean one; plus clean-clean.
+variation, pairs of one image with that variation against a clean one; clean-clean; with
+`group_variation_pairs` also each group x variation cell ("group<g>_<variation>").
 """
 
 import dataclasses
@@ -36,7 +49,9 @@ from face_jax import mvcom
 from face_jax.data import variations
 
 SPLITS = {"train": 1, "meta": 2, "test": 3}
-_SALT = {"code": 11, "count": 12, "groups": 13, "render": 14, "meta_ids": 15, "pairs": 16, "tint": 17}
+_SALT = {"code": 11, "count": 12, "groups": 13, "render": 14, "meta_ids": 15, "pairs": 16, "tint": 17,
+         "hard": 18, "degree": 19}
+META_IDENTITIES = ("train", "heldout")
 
 
 def _rng(*keys) -> np.random.Generator:
@@ -71,9 +86,17 @@ class SyntheticFaces:
   def __init__(self, cfg, seed: int):
     self.cfg, self.seed = cfg, int(seed)
     self.num_groups = len(cfg.group_fractions)
-    for name in ("group_spread", "group_specificity"):
+    for name in ("group_spread", "group_specificity", "hard_fraction"):
       if len(cfg[name]) != self.num_groups:
         raise ValueError(f"data.{name} needs one entry per group ({self.num_groups})")
+    for name in ("train_variation_rates", "meta_variation_rates"):
+      rates = cfg[name]
+      if len(rates) and (len(rates) != self.num_groups or
+                         any(len(r) != len(variations.VARIATIONS) for r in rates)):
+        raise ValueError(f"data.{name} needs one ({', '.join(variations.VARIATIONS)}) rate "
+                         f"triple per group ({self.num_groups}), got {tuple(rates)}")
+    if cfg.meta_identities not in META_IDENTITIES:
+      raise ValueError(f"data.meta_identities={cfg.meta_identities!r}; known: {META_IDENTITIES}")
     c, k, d = cfg.channels, cfg.frequencies ** 2, cfg.code_dim
     self.basis = _cosine_basis(cfg.image_size, cfg.frequencies).reshape(k, -1).astype(np.float32)
     world = _rng(self.seed, _SALT["groups"], 0)
@@ -99,17 +122,28 @@ class SyntheticFaces:
                                   for i in range(n)])
     self.train_starts = np.concatenate([[0], np.cumsum(self.train_counts)])
     self.class_prior = mvcom.class_prior(self.train_counts)
+    self.test_groups = np.repeat(np.arange(self.num_groups), cfg.test_ids_per_group)
+    meta_counts = np.asarray(cfg.meta_ids_by_group if len(cfg.meta_ids_by_group)
+                             else [cfg.meta_ids_per_group] * self.num_groups, int)
+    if len(meta_counts) != self.num_groups:
+      raise ValueError(f"data.meta_ids_by_group needs one count per group ({self.num_groups})")
+    if cfg.meta_identities == "heldout":
+      # New identities after the test ids, meta_ids_per_group per group.
+      first = n + len(self.test_groups)
+      self.meta_groups = np.repeat(np.arange(self.num_groups), meta_counts)
+      self.meta_ids = first + np.arange(len(self.meta_groups))
+      return
     # Meta identities: a balanced subset of the training identities.
     meta_ids = []
     for g in range(self.num_groups):
       members = np.flatnonzero(self.train_groups == g)
-      if len(members) < cfg.meta_ids_per_group:
-        raise ValueError(f"data.meta_ids_per_group={cfg.meta_ids_per_group} exceeds the "
+      if len(members) < meta_counts[g]:
+        raise ValueError(f"data.meta_ids_per_group / meta_ids_by_group={meta_counts[g]} exceeds the "
                          f"{len(members)} training identities of group {g}")
       meta_ids.append(_rng(self.seed, _SALT["meta_ids"], g).choice(
-          members, cfg.meta_ids_per_group, replace=False))
+          members, meta_counts[g], replace=False))
     self.meta_ids = np.concatenate(meta_ids)
-    self.test_groups = np.repeat(np.arange(self.num_groups), cfg.test_ids_per_group)
+    self.meta_groups = self.train_groups[self.meta_ids]
 
   # --- sizes and identities ------------------------------------------------------------
 
@@ -138,14 +172,42 @@ class SyntheticFaces:
       ident = np.searchsorted(self.train_starts, idx, side="right") - 1
       return ident, self.train_groups[ident]
     if split == "meta":
-      ident = self.meta_ids[idx // self.cfg.meta_images_per_id]
-      return ident, self.train_groups[ident]
+      j = idx // self.cfg.meta_images_per_id
+      return self.meta_ids[j], self.meta_groups[j]
     j = idx // self.cfg.test_images_per_id
     return self.cfg.num_train_ids + j, self.test_groups[j]
 
+  def _same_split_group(self, ident: int, group: int) -> np.ndarray:
+    """The identity ids of `ident`'s split with group `group` (its look-alike candidates)."""
+    n, t = self.cfg.num_train_ids, len(self.test_groups)
+    if ident < n:
+      return np.flatnonzero(self.train_groups == group)
+    if ident < n + t:
+      return n + np.flatnonzero(self.test_groups == group)
+    return self.meta_ids[self.meta_groups == group]
+
   def identity_code(self, ident: int, group: int) -> np.ndarray:
     z = _rng(self.seed, _SALT["code"], ident).normal(size=self.cfg.code_dim)
+    hard = _rng(self.seed, _SALT["hard"], ident)
+    if hard.random() < self.cfg.hard_fraction[group]:
+      others = self._same_split_group(ident, group)
+      others = others[others != ident]
+      if len(others):
+        partner = int(others[hard.integers(len(others))])
+        d = float(self.cfg.hard_distance)
+        z = np.sqrt(1 - d ** 2) * _rng(self.seed, _SALT["code"], partner).normal(
+            size=self.cfg.code_dim) + d * z
     return (z * self.cfg.group_spread[group]).astype(np.float32)
+
+  def variation_rates(self, split: str, group: int) -> tuple[float, ...]:
+    """(pose, occlusion, blur) rates of `split` for group `group`."""
+    by_group = {"train": self.cfg.train_variation_rates, "meta": self.cfg.meta_variation_rates,
+                "test": ()}[split]
+    if len(by_group):
+      return tuple(float(r) for r in by_group[group])
+    rate = {"train": self.cfg.train_variation_rate, "meta": self.cfg.meta_variation_rate,
+            "test": self.cfg.test_variation_rate}[split]
+    return (float(rate),) * len(variations.VARIATIONS)
 
   # --- rendering ----------------------------------------------------------------------
 
@@ -156,31 +218,42 @@ class SyntheticFaces:
     cfg = self.cfg
     idx = np.asarray(idx, np.int64).reshape(-1)
     ident, group = self.identities(split, idx)
-    rate = {"train": cfg.train_variation_rate, "meta": cfg.meta_variation_rate,
-            "test": cfg.test_variation_rate}[split]
     s, c = cfg.image_size, cfg.channels
-    codes, flags, rngs = [], [], []
+    codes, flags, degrees, rngs = [], [], [], []
     for i, y, g in zip(idx, ident, group):
       rng = _rng(self.seed, _SALT["render"], SPLITS[split], i)
       z = self.identity_code(y, g) + cfg.jitter * rng.normal(size=cfg.code_dim).astype(np.float32)
       codes.append(self.mixing[g] @ z)
-      flags.append({v: bool(rng.random() < rate) for v in variations.VARIATIONS})
+      rates = self.variation_rates(split, g)
+      flags.append({v: bool(rng.random() < r) for v, r in zip(variations.VARIATIONS, rates)})
       rngs.append(rng)
+      if cfg.variation_degrees:   # a separate stream: the flags and images of a world
+        u = _rng(self.seed, _SALT["degree"], SPLITS[split], i).uniform(  # without degrees stay
+            cfg.degree_min, 1.0, len(variations.VARIATIONS))
+        degrees.append({v: float(u[k]) if flags[-1][v] else 0.0
+                        for k, v in enumerate(variations.VARIATIONS)})
+      else:
+        degrees.append(None)
     coef = np.stack(codes).reshape(len(idx), c, -1)                       # (b, c, k)
     field = np.einsum("bck,kp->bpc", coef, self.basis).reshape(len(idx), s, s, c)
     images = np.tanh(cfg.gain * field) + np.stack([self.tints[g] for g in group])[:, None, None]
     out = np.empty((len(idx), s, s, c), np.float32)
-    for b, (img, f, rng) in enumerate(zip(images, flags, rngs)):
-      img = variations.apply(img.astype(np.float32), f, rng, cfg)
+    for b, (img, f, deg, rng) in enumerate(zip(images, flags, degrees, rngs)):
+      img = variations.apply(img.astype(np.float32), f, rng, cfg, deg)
       out[b] = img + cfg.pixel_noise * rng.normal(size=img.shape)
-    prior = (self.class_prior[ident] if split != "test" else np.zeros(len(idx))).astype(np.float32)
-    return {
+    in_train = ident < cfg.num_train_ids
+    prior = np.where(in_train, self.class_prior[np.minimum(ident, cfg.num_train_ids - 1)], 0.0)
+    out = {
         "image": out,
         "label": ident.astype(np.int32),
         "group": group.astype(np.int32),
         **{v: np.array([f[v] for f in flags], np.int32) for v in variations.VARIATIONS},
-        "class_prior": prior,
+        "class_prior": prior.astype(np.float32),
     }
+    if cfg.variation_degrees:
+      out.update({f"{v}_degree": np.array([d[v] for d in degrees], np.float32)
+                  for v in variations.VARIATIONS})
+    return out
 
   def example(self, split: str, i: int) -> dict[str, np.ndarray]:
     return {k: v[0] for k, v in self.examples(split, [i]).items()}
@@ -202,6 +275,10 @@ class SyntheticFaces:
     for v in variations.VARIATIONS:
       cells[v] = (meta[v] == 1, clean)
     cells["clean"] = (clean, clean)
+    if self.cfg.group_variation_pairs:
+      for g in range(self.num_groups):
+        for v in variations.VARIATIONS:
+          cells[f"group{g}_{v}"] = ((group == g) & (meta[v] == 1), (group == g) & clean)
     out = {}
     for c_i, (name, (mask_a, mask_b)) in enumerate(cells.items()):
       rng = _rng(self.seed, _SALT["pairs"], c_i)

@@ -13,6 +13,7 @@ Images are float arrays (h, w, c), typically in [-1, 1].
 """
 
 import functools
+from typing import Optional
 
 import numpy as np
 
@@ -58,7 +59,8 @@ def blur(image: np.ndarray, sigma: float) -> np.ndarray:
   return out.astype(image.dtype)
 
 
-def apply(image: np.ndarray, flags: dict, rng: np.random.Generator, cfg) -> np.ndarray:
+def apply(image: np.ndarray, flags: dict, rng: np.random.Generator, cfg,
+          degrees: Optional[dict] = None) -> np.ndarray:
   """Applies the flagged variations (pose, then blur, then occlusion).
 
   Args:
@@ -66,15 +68,19 @@ def apply(image: np.ndarray, flags: dict, rng: np.random.Generator, cfg) -> np.n
     flags: {"pose": bool, "occlusion": bool, "blur": bool}.
     rng: draws the pose direction and the band position.
     cfg: pose_shift (px), pose_ramp, occlusion_fraction (of the height), blur_sigma (px).
+    degrees: optional {variation: degree in [0, 1]} scaling each applied variation
+      (shift and ramp, band height, blur sigma); absent -> full strength.
   """
+  degrees = degrees or {}
   h = image.shape[0]
   direction = 1 if rng.random() < 0.5 else -1
-  band = max(1, int(round(cfg.occlusion_fraction * h)))
+  band = max(1, int(round(degrees.get("occlusion", 1.0) * cfg.occlusion_fraction * h)))
   top = int(rng.integers(0, h - band + 1))
   if flags["pose"]:
-    image = pose(image, direction, int(cfg.pose_shift), float(cfg.pose_ramp))
+    u = degrees.get("pose", 1.0)
+    image = pose(image, direction, int(round(u * cfg.pose_shift)), float(u * cfg.pose_ramp))
   if flags["blur"]:
-    image = blur(image, float(cfg.blur_sigma))
+    image = blur(image, float(degrees.get("blur", 1.0) * cfg.blur_sigma))
   if flags["occlusion"]:
     image = occlusion(image, top, band)
   return image

@@ -57,8 +57,8 @@ def test_other_methods_step(arg):
     state, m = step(state, batch)
   assert all(np.isfinite(float(v)) for v in m.values())
   if arg == "arcface,fixed_group_margins":
-    assert config.loss.margin_slot == "m2"
-    want = np.mean(0.5 + np.array(config.fixed_group_margins)[batch["group"]])
+    assert config.loss.margin_slot == "m2" and config.method == "fixed_margins"
+    want = np.mean(0.5 + np.array(config.fixed_margins.group)[batch["group"]])
     assert float(m["margin_mean"]) == pytest.approx(want, rel=1e-5)
   if arg == "l2rw":
     assert 0 < float(m["weight_max"]) <= 1
@@ -68,7 +68,7 @@ def test_virtual_step_writes_no_batch_stats():
   task, steps, state, batch, mv_step = _compiled("")
   before = jax.device_get(state.extras["batch_stats"])
   # The bilevel update alone returns only margin parameters and their optimizer state.
-  phi, opt, _ = jax.eval_shape(steps.meta_update, state, batch, jax.random.key(1))
+  phi, opt, _, _ = jax.eval_shape(steps.meta_update, state, batch, jax.random.key(1))
   assert jax.tree.structure(phi) == jax.tree.structure(state.extras["margin"])
   assert jax.tree.structure(opt) == jax.tree.structure(state.extras["margin_opt"])
   # A full MvCoM step writes exactly the statistics of its real pass: those of a plain
@@ -142,3 +142,60 @@ def test_paper_backbone_is_scanned_and_shardable():
   # The stack axis is replicated and the output channels stay on `fsdp` behind it.
   assert tuple(specs["params"]["backbone"]["layer3_blocks"]["conv1"]["kernel"].spec) == (
       None, None, None, None, "fsdp")
+
+
+def test_prototype_losses_equal_a_brute_force_computation():
+  rng = np.random.default_rng(0)
+  labels = np.array([7, 7, 7, 2, 2, 9, 9, 9, 9, 4, 4])
+  emb = rng.normal(size=(len(labels), 5))
+  s, m = 10.0, 0.3
+  got = np.asarray(steps_lib.prototype_losses(jnp.asarray(emb), jnp.asarray(labels), s, m))
+  e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  ids = list(dict.fromkeys(labels.tolist()))
+  for i, y in enumerate(labels):
+    logits = []
+    for c in ids:
+      members = [j for j in range(len(labels)) if labels[j] == c and j != i]
+      proto = e[members].mean(0)
+      cos = e[i] @ proto / np.linalg.norm(proto)
+      logits.append(s * (cos - m * (c == y)))
+    logits = np.array(logits)
+    want = np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[ids.index(y)]
+    assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_init_offsets_set_the_margins():
+  config = tiny_config("")
+  config.mvcom.init_offsets = (("group", (0.1, -0.05, 0.2)), ("blur", (0.15,)))
+  phi = {"group": jnp.zeros(3), "pose": jnp.zeros(1), "blur": jnp.zeros(1)}
+  got = steps_lib.init_phi(phi, config.mvcom)
+  np.testing.assert_allclose(0.3 * np.tanh(np.asarray(got["group"])), [0.1, -0.05, 0.2], rtol=1e-5)
+  np.testing.assert_allclose(0.3 * np.tanh(np.asarray(got["blur"])), [0.15], rtol=1e-5)
+  assert float(got["pose"][0]) == 0.0
+  config.mvcom.init_offsets = (("group", (0.1, 0.3, 0.0)),)
+  with pytest.raises(ValueError, match="inside the bound"):
+    steps_lib.init_phi(phi, config.mvcom)
+
+
+def test_open_set_meta_step_logs_per_group_diagnostics():
+  """MvCoM with the prototype loss on held-out identities (stratified meta batch),
+  continuous degrees and the class term: one step runs and logs per group the target
+  probability, the fraction meeting the margin and the meta loss."""
+  config = tiny_config("prototype")
+  config.data.update(variation_degrees=True, meta_batch_size=12, meta_images_per_id=2)
+  config.mvcom.update(degrees=True, class_bound=0.1)
+  task, steps, state = _steps(config)
+  batch = next(task.train_data)
+  assert np.all(batch["meta_label"] >= config.data.num_train_ids)          # new identities
+  assert np.bincount(batch["meta_group"]).tolist() == [4, 4, 4]
+  state, m = jax.jit(steps.train_step)(state, batch)
+  for g in range(3):
+    assert 0 < float(m[f"p_target_group{g}"]) < 1 and 0 <= float(m[f"margin_met_group{g}"]) <= 1
+    assert float(m[f"meta_loss_group{g}"]) > 0
+  assert np.mean([float(m[f"meta_loss_group{g}"]) for g in range(3)]) == pytest.approx(
+      float(m["meta_loss"]), rel=1e-5)
+  assert "class" in state.extras["margin"] and "margin_class" in m
+  with pytest.raises(ValueError, match="prototype"):
+    bad = tiny_config("")
+    bad.data.meta_identities = "heldout"
+    make_task(bad)

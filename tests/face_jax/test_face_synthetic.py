@@ -120,3 +120,74 @@ def test_samplers():
   assert sampling.process_rows(8, 1, 2) == slice(4, 8)
   with pytest.raises(ValueError):
     sampling.process_rows(9, 0, 2)
+
+
+def test_group_variation_rates_and_degrees():
+  rates = ((0.6, 0.0, 0.1), (0.1, 0.5, 0.0), (0.0, 0.0, 0.9))
+  f = synthetic.SyntheticFaces(_cfg(num_train_ids=300, group_fractions=(0.4, 0.3, 0.3),
+                                    train_variation_rates=rates, variation_degrees=True,
+                                    degree_min=0.3), 1)
+  e = f.examples("train", np.arange(1500))
+  for g in range(3):
+    for k, v in enumerate(variations.VARIATIONS):
+      assert abs(e[v][e["group"] == g].mean() - rates[g][k]) < 0.08, (g, v)
+  for v in variations.VARIATIONS:
+    d = e[f"{v}_degree"]
+    assert np.all(d[e[v] == 0] == 0)
+    on = d[e[v] == 1]
+    assert on.min() >= 0.3 and on.max() <= 1.0 and on.std() > 0.1
+  # A degree scales the variation: a weaker blur changes the clean image less.
+  img = f.examples("test", [0])["image"][0]
+  weak = variations.apply(img, {"pose": False, "occlusion": False, "blur": True},
+                          np.random.default_rng(0), f.cfg, {"blur": 0.3})
+  strong = variations.apply(img, {"pose": False, "occlusion": False, "blur": True},
+                            np.random.default_rng(0), f.cfg, {"blur": 1.0})
+  assert 0 < np.abs(weak - img).mean() < np.abs(strong - img).mean()
+  with pytest.raises(ValueError, match="train_variation_rates"):
+    synthetic.SyntheticFaces(_cfg(train_variation_rates=((0.1, 0.1, 0.1),)), 0)
+
+
+def test_hard_identities_are_look_alikes_of_their_group():
+  base = synthetic.SyntheticFaces(_cfg(), 3)
+  hard = synthetic.SyntheticFaces(_cfg(hard_fraction=(0.0, 0.0, 1.0), hard_distance=0.3), 3)
+  minority = np.flatnonzero(hard.train_groups == 2)
+  codes = np.stack([hard.identity_code(i, 2) for i in minority])
+  plain = np.stack([base.identity_code(i, 2) for i in minority])
+  # Each look-alike sits near another member's own code: sqrt(1 - d^2) z_partner + d z.
+  dist = np.linalg.norm(codes[:, None] - plain[None], axis=-1)
+  np.fill_diagonal(dist, np.inf)
+  plain_dist = np.linalg.norm(plain[:, None] - plain[None], axis=-1)
+  np.fill_diagonal(plain_dist, np.inf)
+  assert np.all(dist.min(1) < 0.6 * plain_dist.min(1))
+  for i in np.flatnonzero(hard.train_groups == 0)[:5]:       # other groups unchanged
+    np.testing.assert_array_equal(hard.identity_code(i, 0), base.identity_code(i, 0))
+
+
+def test_heldout_meta_identities_and_stratified_batches():
+  cfg = _cfg(meta_identities="heldout", meta_ids_per_group=4, meta_images_per_id=3)
+  f = synthetic.SyntheticFaces(cfg, 0)
+  meta = f.examples("meta", np.arange(f.size("meta")))
+  assert np.bincount(meta["group"]).tolist() == [12, 12, 12]
+  assert set(meta["label"]).isdisjoint(set(range(100)) | set(f.test_set["label"]))
+  np.testing.assert_array_equal(meta["class_prior"], 0.0)
+  sampler = sampling.StratifiedIdentitySampler(f.meta_groups, 3, 18, seed=0, salt=2)
+  idx = sampler(5)
+  ids, groups = f.identities("meta", idx)
+  assert np.bincount(groups).tolist() == [6, 6, 6]          # 2 identities x 3 images per group
+  assert all(np.sum(ids == i) == 3 for i in np.unique(ids))
+  assert not np.array_equal(idx, sampler(6))
+  with pytest.raises(ValueError, match="multiple"):
+    sampling.StratifiedIdentitySampler(f.meta_groups, 3, 20, seed=0)
+  unbalanced = synthetic.SyntheticFaces(_cfg(meta_ids_by_group=(4, 2, 1)), 0)
+  assert np.bincount(unbalanced.meta_groups).tolist() == [4, 2, 1]
+
+
+def test_group_variation_pair_cells():
+  f = synthetic.SyntheticFaces(_cfg(group_variation_pairs=True, test_variation_rate=0.4), 0)
+  cells = f.test_pairs()
+  meta = f.test_set
+  for g in range(3):
+    for v in variations.VARIATIONS:
+      p = cells[f"group{g}_{v}"]
+      assert np.all(meta["group"][p.a] == g) and np.all(meta["group"][p.b] == g)
+      assert np.all(meta[v][p.a] == 1) and np.all(meta[v][p.b] == 0)

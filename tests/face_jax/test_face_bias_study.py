@@ -1,0 +1,78 @@
+"""The study's arms build valid configs; the gate and the verdict follow the reading rule;
+the report writes its table and figures."""
+
+import numpy as np
+import pytest
+
+from face_jax import steps as steps_lib
+from face_jax.experiments import bias_study
+
+
+def _result(arm, seed, worst, groups=None, history=True):
+  groups = groups or [0.95, 0.9, worst]
+  scores = {f"acc_group{g}": v for g, v in enumerate(groups)}
+  scores.update(acc_worst_group=min(groups), group_gap=max(groups) - min(groups), acc_pose=0.9,
+                acc_occlusion=0.85, acc_blur=0.88, acc_clean=0.93, acc_group2_blur=worst - 0.01)
+  hist = [{"step": s, "margin_met_group0": 0.5 + s / 1000, "margin_met_group2": 0.2 + s / 2000,
+           "margin_group0": -0.01 * s / 100} for s in (100, 200)] if history else []
+  return {"arm": arm, "seed": seed, "steps": 200, "scores": scores, "history": hist,
+          "train_s": 1.0, "cpu_s": 2.0}
+
+
+def test_every_arm_builds_a_valid_config():
+  context = {"mvcom": {"margins": {"group": [0.1, -0.2, 0.35], "pose": [0.0], "occlusion": [0.05],
+                                   "blur": [0.2], "class": [0.05]}}}
+  bias_study.ARMS["fixed_best"] = bias_study._fixed({"group": (0.0, 0.1, 0.2)})
+  try:
+    for arm in [*bias_study.ARMS, *bias_study.CONTROL_ARMS]:
+      c = bias_study.make_config(arm, 3, "joint_bias", 50, ["data.jitter=0.3"], context)
+      steps_lib.check_config(c)
+      assert c.seed == 3 and c.total_steps == 50 and c.data.jitter == 0.3, arm
+  finally:
+    bias_study.ARMS["fixed_best"] = None
+  c = bias_study.make_config("mvcom_frozen", 0, "joint_bias", 0, (), context)
+  assert c.mvcom.frozen and dict(c.mvcom.init_offsets)["group"][2] < c.mvcom.bound
+  assert bias_study.make_config("mvcom_unbalanced_meta", 0, "joint_bias", 0).data.meta_ids_by_group[0] > 4
+  assert bias_study.make_config("fixed[minority-]", 0, "joint_bias", 0).fixed_margins.group[2] < 0
+  with pytest.raises(ValueError, match="fixed_best"):
+    bias_study.make_config("fixed_best", 0, "joint_bias", 0)
+
+
+def test_gate_needs_one_sign_and_two_points_on_three_seeds():
+  base = [_result("cosface", s, 0.80) for s in range(3)]
+  passing = [_result("fixed[minority+]", s, 0.80 + d) for s, d in enumerate((0.025, 0.03, 0.021))]
+  mixed = [_result("fixed[minority-]", s, 0.80 + d) for s, d in enumerate((0.03, -0.03, 0.03))]
+  small = [_result("fixed[majority-]", s, 0.80 + d) for s, d in enumerate((0.03, 0.015, 0.03))]
+  gates = bias_study.gate(base + passing + mixed + small)
+  assert gates["fixed[minority+]"][0] and not gates["fixed[minority-]"][0]
+  assert not gates["fixed[majority-]"][0]
+  np.testing.assert_allclose(gates["fixed[minority+]"][1], [2.5, 3.0, 2.1], atol=1e-9)
+  assert not bias_study.gate(base[:2] + passing[:2])["fixed[minority+]"][0]   # < 3 seeds
+  assert bias_study.best_control(base + passing + mixed) == bias_study.CONTROL["minority+"]
+
+
+def test_verdict_follows_the_reading_rule():
+  base = [_result("cosface", s, 0.80) for s in range(5)]
+  control = [_result("fixed[minority+]", s, 0.83) for s in range(5)]
+  assert bias_study.verdict(base, bias_study.gate(base)).startswith("NO VERDICT:")
+  results = base + control
+  gates = bias_study.gate(results)
+  up = [_result("mvcom", s, 0.80 + d) for s, d in enumerate((0.02, 0.025, 0.018, 0.03, 0.022))]
+  flat = [_result("mvcom", s, 0.80 + d) for s, d in enumerate((0.001, -0.002, 0.0, 0.002, -0.001))]
+  noisy = [_result("mvcom", s, 0.80 + d) for s, d in enumerate((0.04, -0.03, 0.05, -0.02, 0.01))]
+  assert "consistent with the paper" in bias_study.verdict(results + up, gates)
+  assert "not consistent" in bias_study.verdict(results + flat, gates)
+  assert "inconclusive" in bias_study.verdict(results + noisy, gates)
+  assert "NO VERDICT YET" in bias_study.verdict(results + up[:4], gates)
+
+
+def test_report_writes_table_and_figures(tmp_path):
+  results = ([_result("cosface", s, 0.80) for s in range(3)]
+             + [_result("fixed[minority+]", s, 0.83) for s in range(3)]
+             + [_result("mvcom", s, 0.81) for s in range(3)])
+  text = bias_study.report(results, str(tmp_path))
+  assert text.index("Reading rule") < text.index("worst-CosFace")     # the rule before numbers
+  assert "+3.00" in text and "PASSES" in text and "NO VERDICT YET" in text
+  assert "group2_blur" in text
+  for name in ("control.png", "groups.png", "binding.png", "margins.png"):
+    assert (tmp_path / name).stat().st_size > 0
