@@ -206,9 +206,9 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
 
 def _joint_bias_world(c: ml_collections.ConfigDict) -> None:
   """Several biases at once, sized so training fits its identities (the margin binds)."""
-  c.total_steps = 800
+  c.total_steps = 400
   c.data.update(
-      num_train_ids=400, images_per_id=(6, 14),
+      num_train_ids=300, images_per_id=(6, 14),   # ~3,000 images: fitted within 400 steps
       group_fractions=(0.85, 0.11, 0.04),
       group_spread=(1.0, 0.75, 0.6),                 # crowded minorities
       hard_fraction=(0.1, 0.3, 0.3), hard_distance=0.5,
@@ -218,6 +218,6 @@ def _joint_bias_world(c: ml_collections.ConfigDict) -> None:
       meta_variation_rates=((0.2, 0.2, 0.2),) * 3,
       variation_degrees=True,
       meta_ids_per_group=16, meta_images_per_id=4,
-      test_ids_per_group=120, test_images_per_id=8,
+      test_ids_per_group=100, test_images_per_id=8,
       group_variation_pairs=True)
   c.mvcom.degrees = True
