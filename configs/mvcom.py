@@ -169,9 +169,12 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.method = "l2rw"
   elif variant == "predicted":
     c.mvcom.attributes = "predicted"
-  elif variant == "prototype":
+  elif variant == "prototype":   # after the world variant: the batch follows its groups
     c.mvcom.meta_objective = "prototype"
-    c.data.update(meta_identities="heldout", meta_sampling="stratified")
+    groups = len(c.data.group_fractions)
+    ids = min(8, c.data.meta_ids_per_group)      # per group and batch, all their images
+    c.data.update(meta_identities="heldout", meta_sampling="stratified",
+                  meta_batch_size=groups * ids * c.data.meta_images_per_id)
   elif variant == "mwnet":
     c.mvcom.update(meta_lr=1e-3, meta_weight_decay=1e-4)
   elif variant == "joint_bias":
@@ -217,7 +220,7 @@ def _joint_bias_world(c: ml_collections.ConfigDict) -> None:
       train_variation_rates=((0.25, 0.05, 0.05), (0.1, 0.2, 0.3), (0.1, 0.3, 0.4)),
       meta_variation_rates=((0.2, 0.2, 0.2),) * 3,
       variation_degrees=True,
-      meta_ids_per_group=16, meta_images_per_id=4,
+      meta_ids_per_group=8, meta_images_per_id=4,   # the minority has 12 training ids
       test_ids_per_group=100, test_images_per_id=8,
       group_variation_pairs=True)
   c.mvcom.degrees = True

@@ -8,7 +8,7 @@ accounting). On top of them this module adds what MvCoM needs:
                attributes are known exactly (specs/mvcom.md §1.5)
   group        from `data.group_of_class`, a .npy (num_classes,) of per-identity group
                ids (e.g. pseudo ethnicity labels); absent -> no group factor
-  class_prior  standardised n_y^(-1/4) from the pack's identity sizes
+  class_prior  n_y^(-1/4), centred, max |q| = 1 (face_jax/mvcom.py), from the identity sizes
   meta batch   from a second pack of held-out images of training identities,
                `data.meta_rec_prefix`, keys prefixed `meta_` (methods mvcom, l2rw)
 

@@ -16,8 +16,9 @@ from train_jax.task import Task
 class SyntheticBatches:
   """Random-access global batch j of the synthetic world, this process's rows.
 
-  Keys: image, label, group, pose, occlusion, blur, class_prior; with a meta set the same
-  keys prefixed `meta_` from the held-out balanced meta split.
+  Keys: image, label, group, pose, occlusion, blur, class_prior (+ <variation>_degree with
+  data.variation_degrees); with a meta set the same keys prefixed `meta_` from the meta
+  split (data.meta_sampling: uniform epochs, or stratified by group with whole identities).
   """
 
   def __init__(self, config, faces: synthetic.SyntheticFaces, with_meta: bool):

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from face_jax import steps as steps_lib
+from face_jax import synthetic_task
+from face_jax.data import synthetic
 from face_jax.experiments import bias_study
 
 
@@ -28,6 +30,9 @@ def test_every_arm_builds_a_valid_config():
       c = bias_study.make_config(arm, 3, "joint_bias", 50, ["data.jitter=0.3"], context)
       steps_lib.check_config(c)
       assert c.seed == 3 and c.total_steps == 50 and c.data.jitter == 0.3, arm
+      # The data side accepts it too (samplers, meta split); no image is rendered.
+      synthetic_task.SyntheticBatches(c, synthetic.SyntheticFaces(c.data, c.seed),
+                                      steps_lib.uses_meta_batch(c))
   finally:
     bias_study.ARMS["fixed_best"] = None
   c = bias_study.make_config("mvcom_frozen", 0, "joint_bias", 0, (), context)
