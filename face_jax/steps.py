@@ -132,7 +132,9 @@ def prototype_losses(emb, labels, s: float, m: float):
 
 
 def uses_meta_batch(config) -> bool:
-  return config.method in ("mvcom", "l2rw")
+  if config.method == "mvcom":
+    return not config.mvcom.frozen   # frozen margins take no meta step
+  return config.method == "l2rw"
 
 
 # --- losses and steps -------------------------------------------------------------------

@@ -199,3 +199,15 @@ def test_open_set_meta_step_logs_per_group_diagnostics():
     bad = tiny_config("")
     bad.data.meta_identities = "heldout"
     make_task(bad)
+
+
+def test_frozen_margins_stay_at_their_init_and_take_no_meta_batch():
+  config = tiny_config("")
+  config.mvcom.update(frozen=True, init_offsets=(("group", (0.0, 0.1, 0.2)),))
+  task, steps, state = _steps(config)
+  batch = next(task.train_data)
+  assert "meta_image" not in batch
+  state2, m = jax.jit(steps.train_step)(state, batch)
+  for a, b in zip(jax.tree.leaves(state.extras["margin"]), jax.tree.leaves(state2.extras["margin"])):
+    np.testing.assert_array_equal(a, b)
+  assert "meta_loss" not in m and float(m["margin_group2"]) == pytest.approx(0.2, rel=1e-5)
