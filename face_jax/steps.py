@@ -316,18 +316,16 @@ class Steps:
     metrics = {}
     phi, weights = extras.get("margin"), None
     if self.config.method == "mvcom":
-      k = int(self.config.mvcom.meta_every)
-      if self.config.mvcom.frozen:   # margins fixed at their initial values: no meta step
-        pass
-      elif k == 1:
-        phi, opt, meta_value, meta_groups = self.meta_update(state, batch, step_rng)
-      else:
-        skip = lambda: (extras["margin"], extras["margin_opt"], jnp.zeros((), jnp.float32),
-                        {g: jnp.zeros((), jnp.float32) for g in range(self.groups)}
-                        if "meta_group" in batch else {})
-        phi, opt, meta_value, meta_groups = jax.lax.cond(
-            state.step % k == 0, lambda: self.meta_update(state, batch, step_rng), skip)
-      if not self.config.mvcom.frozen:
+      if not self.config.mvcom.frozen:   # frozen: the margins stay at their initial values
+        k = int(self.config.mvcom.meta_every)
+        if k == 1:
+          phi, opt, meta_value, meta_groups = self.meta_update(state, batch, step_rng)
+        else:
+          skip = lambda: (extras["margin"], extras["margin_opt"], jnp.zeros((), jnp.float32),
+                          {g: jnp.zeros((), jnp.float32) for g in range(self.groups)}
+                          if "meta_group" in batch else {})
+          phi, opt, meta_value, meta_groups = jax.lax.cond(
+              state.step % k == 0, lambda: self.meta_update(state, batch, step_rng), skip)
         extras.update(margin=phi, margin_opt=opt)
         metrics["meta_loss"] = meta_value
         metrics.update({f"meta_loss_group{g}": v for g, v in meta_groups.items()})
