@@ -81,3 +81,14 @@ def test_report_writes_table_and_figures(tmp_path):
   assert "group2_blur" in text
   for name in ("control.png", "groups.png", "binding.png", "margins.png"):
     assert (tmp_path / name).stat().st_size > 0
+
+
+def test_run_arm_trains_and_records_history():
+  from face_tiny import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config("cosface")
+  config.total_steps = 4
+  config.mesh.update(data=-1, fsdp=1, model=1)
+  r = bias_study.run_arm("cosface", config, log_every=2, verbose=False)
+  assert [h["step"] for h in r["history"]] == [2, 4]
+  assert {"margin_met_group0", "p_target_group2", "loss"} <= set(r["history"][-1])
+  assert 0.4 < r["scores"]["acc_worst_group"] <= 1 and r["cpu_s"] > 0
