@@ -230,10 +230,12 @@ def table(results: list[dict]) -> str:
 
 def grid_table(results: list[dict]) -> str:
   """Group x variation cells: mean accuracy per arm, and the paired difference vs CosFace."""
-  cells = sorted(c for c in results[0]["scores"] if c.startswith("acc_group") and "_" in c[9:])
+  cells = sorted(c for c in results[0]["scores"] if c.startswith("acc_group") and "_" in c[9:]
+                 and c[9:].split("_")[0].isdigit())
   if not cells:
     return ""
-  lines = ["group x variation (accuracy %, paired difference vs CosFace)",
+  lines = ["group x variation (accuracy %, mean over the arm's seeds; in brackets the mean "
+           "paired difference vs CosFace over the seeds both ran)",
            "arm".ljust(30) + "".join(c[4:].rjust(18) for c in cells)]
   for arm in dict.fromkeys(r["arm"] for r in results):
     rs = [r for r in results if r["arm"] == arm]
