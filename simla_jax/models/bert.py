@@ -85,7 +85,7 @@ class BertLayer(nn.Module):
   def __call__(self, x: jax.Array, bias: jax.Array | None, kv: jax.Array | None = None,
                kv_bias: jax.Array | None = None, kv_index: jax.Array | None = None,
                deterministic: bool = True, return_probs: bool = False,
-               queries: int | None = None):
+               queries: int | None = None, hook_cross: bool = False):
     """x: (b, l, hidden); bias: (b, 1, 1, l); kv: (b, k, d_kv); kv_bias: (b, 1, 1, k).
     With `kv_index` (b,): kv is (n, k, d_kv), row i reads kv[kv_index[i]] (see Attention).
     The signature is `nn.scan`'s (carry, *broadcast) -> (carry, per-layer output).
@@ -93,7 +93,7 @@ class BertLayer(nn.Module):
     `queries`: compute only the first `queries` positions (their self-attention still
     reads all l positions); the rest of the sequence is dropped. Returns
     (x (b, q, hidden), self-attention probabilities (b, heads, q, l) or None), q = l or
-    `queries`.
+    `queries`. `hook_cross`: the cross-attention's `layers.Attention` hook (Grad-CAM).
     """
     init = nn.initializers.normal(self.init_std)
 
@@ -112,7 +112,7 @@ class BertLayer(nn.Module):
     x = residual(out, q, "attention_norm")
     if kv is not None:
       out = attention("crossattention")(x, kv.astype(self.dtype), kv_bias, kv_index=kv_index,
-                                        deterministic=deterministic)
+                                        deterministic=deterministic, hook=hook_cross)
       x = residual(out, x, "crossattention_norm")
     out = layers.Mlp(self.ffn, kernel_init=init, dtype=self.dtype, name="mlp")(x)
     return residual(out, x, "output_norm"), probs
@@ -141,8 +141,8 @@ class MlmHead(nn.Module):
 
 
 # Arguments of BertLayer that are Python values, static for nn.remat (argument 0 is self):
-# deterministic, return_probs, queries.
-_STATIC_ARGNUMS = (6, 7, 8)
+# deterministic, return_probs, queries, hook_cross.
+_STATIC_ARGNUMS = (6, 7, 8, 9)
 
 
 def _layer_class(remat: bool, policy: str) -> type[nn.Module]:
@@ -209,8 +209,9 @@ class BertEncoder(nn.Module):
   def __call__(self, x: jax.Array, bias: jax.Array | None, kv: jax.Array | None,
                kv_bias: jax.Array | None, kv_index: jax.Array | None, *, start: int, stop: int,
                deterministic: bool = True, return_probs: bool = False,
-               queries: int | None = None):
-    """Layers [start, stop) (see `BertLayer`); probabilities and `queries` need one layer."""
+               queries: int | None = None, hook_cross: bool = False):
+    """Layers [start, stop) (see `BertLayer`); probabilities and `queries` need one layer.
+    `hook_cross` hooks every layer's cross-attention (stacked along `layers` when scanned)."""
     if not 0 <= start < stop <= self.num_layers:
       raise ValueError(f"BERT layers [{start}, {stop}) out of range for {self.num_layers}")
     if (return_probs or queries is not None) and stop - start != 1:
@@ -226,17 +227,18 @@ class BertEncoder(nn.Module):
     if single:
       layer = nn.map_variables(layer_cls, "params", trans_in_fn=_take(start))
       return layer(*args, name="layer")(x, bias, kv, kv_bias, kv_index, deterministic,
-                                        return_probs, queries)
-    stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
+                                        return_probs, queries, hook_cross)
+    stack = nn.scan(layer_cls,
+                    variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast,) * 7, length=stop - start,
+                    in_axes=(nn.broadcast,) * 8, length=stop - start,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                     # No broadcast variables or outputs: skip the extra trace that checks them.
                     check_constancy_invariants=False)
     if not whole:
       stack = nn.map_variables(stack, "params", trans_in_fn=_take(slice(start, stop)))
     x, probs = stack(*args, name="layer")(x, bias, kv, kv_bias, kv_index, deterministic,
-                                          return_probs, queries)
+                                          return_probs, queries, hook_cross)
     return x, None if probs is None else probs[0]
 
 
@@ -294,7 +296,7 @@ class Bert(nn.Module):
   def encode(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
              kv_mask: jax.Array | None = None, *, kv_index: jax.Array | None = None,
              deterministic: bool = True, attention_layer: int | None = None,
-             cls_only: bool = False, from_layer: int = 0):
+             cls_only: bool = False, from_layer: int = 0, hook_cross: bool = False):
     """Runs the layers over embedded queries: all of them (SIMLA; ALBEF with `kv`), or
     ALBEF's text layers [0, fusion_start) in text mode.
 
@@ -312,6 +314,10 @@ class Bert(nn.Module):
         [CLS] output (ITC, ITM) or the last layer's [CLS] attention row (PSL) is used.
       from_layer: 0, or ALBEF's fusion_start: `x` is then the text layers' output and only
         the fusion layers run (ALBEF's ITM reuses its ITC pass's text output).
+      hook_cross: every cross-attention sows its probabilities (b, heads, l, k) into
+        "intermediates" and adds the "perturbations" collection's zeros to them, when
+        the caller passes it, so their gradient can be taken (Grad-CAM,
+        `simla_jax.gradcam`). Scanned layers stack both along a leading `layers` axis.
     Returns:
       (b, l, hidden), and with `attention_layer` also the probabilities (b, heads, l, l);
       with `cls_only`, (b, 1, hidden) and (b, heads, 1, l) for the last layer.
@@ -328,6 +334,10 @@ class Bert(nn.Module):
         raise ValueError(f"attention_layer {attention_layer} out of range for "
                          f"{depth} layers")
       attention_layer %= depth
+    # Hooked maps of equal shapes from every layer, and (scanned) one scan over all of them.
+    if hook_cross and (cls_only or (self.scan_layers and attention_layer is not None)):
+      raise ValueError("hook_cross needs every layer over all positions (no cls_only) and, "
+                       "with scan_layers, one pass over all layers (no attention_layer)")
     probs = None
     if from_layer not in (0, fuse_from):
       raise ValueError(f"BERT from_layer {from_layer}: only 0 or the fusion_start "
@@ -340,14 +350,15 @@ class Bert(nn.Module):
       if self.scan_layers and self.fusion_start is not None and fusion:
         x, p = self.fusion_encoder(x, bias, *kv_args, start=start - fuse_from,
                                    stop=stop - fuse_from, deterministic=deterministic,
-                                   return_probs=want_probs, queries=queries)
+                                   return_probs=want_probs, queries=queries,
+                                   hook_cross=hook_cross)
       elif self.scan_layers:
         x, p = self.encoder(x, bias, *kv_args, start=start, stop=stop,
                             deterministic=deterministic, return_probs=want_probs,
-                            queries=queries)
+                            queries=queries, hook_cross=hook_cross)
       else:
         for layer in self.layer[start:stop]:
-          x, p = layer(x, bias, *kv_args, deterministic, want_probs, queries)
+          x, p = layer(x, bias, *kv_args, deterministic, want_probs, queries, hook_cross)
       if want_probs:
         probs = p
     return x if attention_layer is None else (x, probs)

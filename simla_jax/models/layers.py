@@ -160,13 +160,17 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array | None = None, *,
                kv_index: jax.Array | None = None, deterministic: bool = True,
-               return_probs: bool = False):
+               return_probs: bool = False, hook: bool = False):
     """x: (b, q, d_q); kv: (b, k, d_kv); bias: additive, broadcastable to (b, h, q, k)
     ("cudnn": the key padding bias (b, 1, 1, k) of `mask_to_bias`, or None).
 
     `kv_index` (b,) int: `kv` is (n, k, d_kv) and row i of `x` attends to `kv[kv_index[i]]`;
     keys and values are projected once per row of `kv` and then gathered, so a batch that
     pairs each of n images with several texts projects each image once.
+
+    `hook` (Grad-CAM): the probabilities (b, h, q, k) are sown into "intermediates/probs"
+    and pass through `perturb("probs")`: given a zero "perturbations" collection, its
+    gradient is theirs. Off (the default) it costs nothing.
 
     Returns (b, q, features), and the attention probabilities (b, h, q, k) in
     float32 when `return_probs`.
@@ -191,11 +195,14 @@ class Attention(nn.Module):
       k, v = k[kv_index], v[kv_index]
     dropout = self.dropout_rate > 0 and not deterministic
     probs = None
-    if return_probs or dropout or self.impl == "einsum":
+    if return_probs or dropout or hook or self.impl == "einsum":
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
       if bias is not None:
         logits = logits + bias
       probs = jax.nn.softmax(logits, axis=-1)
+      if hook:
+        probs = self.perturb("probs", probs)
+        self.sow("intermediates", "probs", probs)
       dropped = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
     elif self.impl == "cudnn":

@@ -50,14 +50,14 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_path_rate: float | jax.Array = 0.0,
-               deterministic: bool = True) -> tuple[jax.Array, None]:
+               deterministic: bool = True, hook: bool = False) -> tuple[jax.Array, None]:
     width = x.shape[-1]
     init = nn.initializers.normal(self.init_std)
     rate = drop_path_rate
     rng = None if deterministic or not self.stochastic_depth else self.make_rng("dropout")
     h = layers.layer_norm(self.layer_norm_eps, self.dtype, "norm1")(x)
     h = layers.Attention(self.heads, width, kernel_init=init, dtype=self.dtype,
-                         impl=self.attention_impl, name="attn")(h, h)
+                         impl=self.attention_impl, name="attn")(h, h, hook=hook)
     x = x + drop_path(h, rate, deterministic, rng)
     h = layers.layer_norm(self.layer_norm_eps, self.dtype, "norm2")(x)
     h = layers.Mlp(self.mlp_dim, kernel_init=init, dtype=self.dtype, name="mlp")(h)
@@ -93,8 +93,14 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
-    """patch_mask: optional bool (b, N), row-major over the patch grid; True = masked."""
+               deterministic: bool = True, hook_attention: bool = False) -> jax.Array:
+    """patch_mask: optional bool (b, N), row-major over the patch grid; True = masked.
+
+    `hook_attention` (Grad-CAM, `simla_jax.gradcam`): every block's self-attention sows
+    its probabilities (b, heads, 1+N, 1+N) and adds the "perturbations" collection's
+    zeros to them when the caller passes it (`layers.Attention`'s hook); scanned blocks
+    stack both along a leading `layers` axis.
+    """
     n = self.grid ** 2
     if images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"ViT expects images (b, {self.image_size}, {self.image_size}, c), "
@@ -131,22 +137,25 @@ class VisionTransformer(nn.Module):
     x = x + pos.astype(x.dtype)
 
     block = Block
-    if self.remat:   # static: deterministic (argument 0 is self)
-      block = nn.remat(Block, static_argnums=(3,), policy=layers.remat_policy(self.remat_policy))
+    if self.remat:   # static: deterministic, hook (argument 0 is self)
+      block = nn.remat(Block, static_argnums=(3, 4),
+                       policy=layers.remat_policy(self.remat_policy))
     args = (self.heads, self.mlp_dim, self.layer_norm_eps, self.drop_path_rate > 0.0,
             self.init_std, self.dtype, self.attention_impl)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)   # stochastic-depth ramp
     if self.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast), length=self.depth,
+                      in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"},
                       # No broadcast variables or outputs: skip the extra trace that checks them.
                       check_constancy_invariants=False)
-      x, _ = stack(*args, name="blocks")(x, jnp.asarray(rates, jnp.float32), deterministic)
+      x, _ = stack(*args, name="blocks")(x, jnp.asarray(rates, jnp.float32), deterministic,
+                                         hook_attention)
     else:
       for i in range(self.depth):
-        x, _ = block(*args, name=f"block_{i}")(x, float(rates[i]), deterministic)
+        x, _ = block(*args, name=f"block_{i}")(x, float(rates[i]), deterministic,
+                                               hook_attention)
     return layers.layer_norm(self.layer_norm_eps, self.dtype, "norm")(x)
 
 
