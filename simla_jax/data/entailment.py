@@ -34,13 +34,13 @@ SNLI-VE (`VeJsonSource`): the official files are a JSON list of
 with the same keys are read too. Every error names the file and the line of the record.
 """
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from simla_jax.data import captions as captions_lib
+from simla_jax.data import json_records
 from simla_jax.data import shapes
 
 LABELS = ("contradiction", "neutral", "entailment")   # official ids 0, 1, 2
@@ -214,53 +214,6 @@ class ShapesEntailment:
 
 
 # --------------------------------------------------------------------------- SNLI-VE
-def _line_of(text: str, pos: int) -> int:
-  return text.count("\n", 0, pos) + 1
-
-
-def _raw_records(path: str, text: str) -> list[tuple[int, Any]]:
-  """(line, value) of every record: a JSON list, or one JSON value per line."""
-  decoder = json.JSONDecoder()
-  stripped = text.lstrip()
-  out = []
-  if stripped.startswith("["):
-    pos = len(text) - len(stripped) + 1
-    while True:
-      while pos < len(text) and text[pos].isspace():
-        pos += 1
-      if pos < len(text) and text[pos] == "]" and not out:
-        pos += 1
-        break
-      try:
-        value, end = decoder.raw_decode(text, pos)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"ve: {path} line {e.lineno} column {e.colno}: malformed JSON "
-                         f"({e.msg})") from e
-      out.append((_line_of(text, pos), value))
-      pos = end
-      while pos < len(text) and text[pos].isspace():
-        pos += 1
-      if pos < len(text) and text[pos] == ",":
-        pos += 1
-        continue
-      if pos < len(text) and text[pos] == "]":
-        pos += 1
-        break
-      raise ValueError(f"ve: {path} line {_line_of(text, pos)}: expected ',' or ']' after "
-                       f"the record starting on line {out[-1][0]}")
-    if text[pos:].strip():
-      raise ValueError(f"ve: {path} line {_line_of(text, pos)}: text after the JSON list")
-    return out
-  for n, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      out.append((n, json.loads(line)))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"ve: {path} line {n} column {e.colno}: malformed JSON ({e.msg})") from e
-  return out
-
-
 def read_ve_file(path: str) -> list[dict[str, Any]]:
   """Parses and validates one VE file; records {image, sentence, label, file, line}."""
   try:
@@ -269,7 +222,7 @@ def read_ve_file(path: str) -> list[dict[str, Any]]:
   except OSError as e:
     raise FileNotFoundError(f"ve: cannot read {path}: {e}") from e
   records = []
-  for line, r in _raw_records(path, text):
+  for line, r in json_records.raw_records(path, text, "ve"):
     where = f"ve: {path} line {line}"
     if not isinstance(r, dict):
       raise ValueError(f"{where}: a record must be a JSON object, found {type(r).__name__}")

@@ -1,0 +1,52 @@
+"""Records of a JSON list or JSON-lines file, each with the line it starts on (for errors)."""
+
+import json
+from typing import Any
+
+
+def line_of(text: str, pos: int) -> int:
+  return text.count("\n", 0, pos) + 1
+
+
+def raw_records(path: str, text: str, what: str) -> list[tuple[int, Any]]:
+  """(line, value) of every record of `text` (the contents of `path`): a JSON list, or
+  one JSON value per line. Errors start with `what` and name the file and line."""
+  decoder = json.JSONDecoder()
+  stripped = text.lstrip()
+  out = []
+  if stripped.startswith("["):
+    pos = len(text) - len(stripped) + 1
+    while True:
+      while pos < len(text) and text[pos].isspace():
+        pos += 1
+      if pos < len(text) and text[pos] == "]" and not out:
+        pos += 1
+        break
+      try:
+        value, end = decoder.raw_decode(text, pos)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path} line {e.lineno} column {e.colno}: malformed JSON "
+                         f"({e.msg})") from e
+      out.append((line_of(text, pos), value))
+      pos = end
+      while pos < len(text) and text[pos].isspace():
+        pos += 1
+      if pos < len(text) and text[pos] == ",":
+        pos += 1
+        continue
+      if pos < len(text) and text[pos] == "]":
+        pos += 1
+        break
+      raise ValueError(f"{what}: {path} line {line_of(text, pos)}: expected ',' or ']' after "
+                       f"the record starting on line {out[-1][0]}")
+    if text[pos:].strip():
+      raise ValueError(f"{what}: {path} line {line_of(text, pos)}: text after the JSON list")
+    return out
+  for n, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      out.append((n, json.loads(line)))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{what}: {path} line {n} column {e.colno}: malformed JSON ({e.msg})") from e
+  return out
