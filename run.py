@@ -23,6 +23,7 @@ FAMILIES = {
     "simla_vqa": "simla_jax.tasks.vqa",
     "simla_nlvr_pretrain": "simla_jax.tasks.nlvr",
     "simla_nlvr": "simla_jax.tasks.nlvr",
+    "simla_grounding": "simla_jax.tasks.grounding",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

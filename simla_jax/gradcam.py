@@ -41,19 +41,20 @@ def check_layer(index: int, depth: int, what: str) -> int:
   return int(index) % depth
 
 
-def _hooked_leaf(tree: Any, unrolled: tuple[str, ...], scanned: tuple[str, ...],
-                 index: int) -> jax.Array:
-  """Layer `index`'s hooked array in an "intermediates" / "perturbations" tree, unrolled
-  (`<module>/<layer>_<index>/...`) or scanned (`scanned` path, leading `layers` axis)."""
+def _hooked_layers(tree: Any, unrolled: tuple[str, ...], scanned: tuple[str, ...],
+                   depth: int) -> jax.Array:
+  """Every layer's hooked array, stacked (depth, ...), from an "intermediates" /
+  "perturbations" tree, unrolled (`<module>/<layer>_<i>/...`) or scanned (`scanned`
+  path, already with a leading `layers` axis)."""
   def get(path):
     node = tree
     for key in path:
       node = node[key]
     return node[0] if isinstance(node, tuple) else node   # sow keeps a tuple
   module, layer, *rest = unrolled
-  if f"{layer}_{index}" in tree.get(module, {}):
-    return get((module, f"{layer}_{index}", *rest))
-  return get(scanned)[index]
+  if f"{layer}_0" in tree.get(module, {}):
+    return jnp.stack([get((module, f"{layer}_{i}", *rest)) for i in range(depth)])
+  return get(scanned)
 
 
 _BERT = (("bert", "layer", "crossattention", "probs"),
@@ -69,9 +70,9 @@ def _zero_perturbations(fn, params, *args) -> Any:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _probs_and_grads(apply, params, unrolled_scanned, index, *args):
-  """(probs, d score.sum() / d probs) of hooked layer `index`; `apply(variables, *args,
-  mutable)` returns (per-example score (b,), state)."""
+def _probs_and_grads(apply, params, unrolled_scanned, depth, *args):
+  """(probs, d score.sum() / d probs) of every hooked layer, (depth, b, heads, q, k) each;
+  `apply(variables, *args, mutable)` returns (per-example score (b,), state)."""
   zeros = _zero_perturbations(apply, params, *args)
 
   def total(pert):
@@ -81,8 +82,8 @@ def _probs_and_grads(apply, params, unrolled_scanned, index, *args):
 
   grads, inter = jax.grad(total, has_aux=True)(zeros)
   unrolled, scanned = unrolled_scanned
-  return _hooked_leaf(inter, unrolled, scanned, index), _hooked_leaf(grads, unrolled, scanned,
-                                                                      index)
+  return (_hooked_layers(inter, unrolled, scanned, depth),
+          _hooked_layers(grads, unrolled, scanned, depth))
 
 
 def itm_cam(probs_b_h_l_k: jax.Array, grads_b_h_l_k: jax.Array,
@@ -101,14 +102,17 @@ def itc_cam(probs_b_h_q_k: jax.Array, grads_b_h_q_k: jax.Array) -> jax.Array:
   return (probs_b_h_q_k[:, :, 0, 1:] * jnp.maximum(grads_b_h_q_k[:, :, 0, 1:], 0.0)).mean(1)
 
 
-def _to_grid(cam_b_n: jax.Array) -> jax.Array:
-  g = int(round(cam_b_n.shape[-1] ** 0.5))
-  return cam_b_n.reshape(cam_b_n.shape[0], g, g)
+def _to_grid(cam_n: jax.Array) -> jax.Array:
+  g = int(round(cam_n.shape[-1] ** 0.5))
+  return cam_n.reshape(*cam_n.shape[:-1], g, g)
 
 
-def itm_gradcam(model: SIMLA, params, images, ids, mask, layer: int) -> jax.Array:
-  """ITM Grad-CAM maps (b, g, g) of (image, expression) pairs at BERT layer `layer`."""
-  layer = check_layer(layer, model.config.bert.layers, "grounding BERT layer")
+def itm_gradcam(model: SIMLA, params, images, ids, mask, layer: int | None) -> jax.Array:
+  """ITM Grad-CAM maps (b, g, g) of (image, expression) pairs at BERT layer `layer`;
+  `layer=None`: every layer's, (layers, b, g, g), from the same forward and backward."""
+  depth = model.config.bert.layers
+  if layer is not None:
+    layer = check_layer(layer, depth, "grounding BERT layer")
 
   def match_logit(module: SIMLA, images, ids, mask):
     image_seq = module.embed_image(images)
@@ -118,13 +122,17 @@ def itm_gradcam(model: SIMLA, params, images, ids, mask, layer: int) -> jax.Arra
   def apply(variables, *args, mutable):
     return model.apply(variables, *args, method=match_logit, mutable=mutable)
 
-  probs, grads = _probs_and_grads(apply, params, _BERT, layer, images, ids, mask)
-  return _to_grid(itm_cam(probs, grads, mask))
+  probs, grads = _probs_and_grads(apply, params, _BERT, depth, images, ids, mask)
+  maps = _to_grid(jax.vmap(itm_cam, in_axes=(0, 0, None))(probs, grads, mask))
+  return maps if layer is None else maps[layer]
 
 
-def itc_gradcam(model: SIMLA, params, images, ids, mask, block: int) -> jax.Array:
-  """ITC Grad-CAM maps (b, g, g) at ViT block `block` (official `--gradcam_mode itc`)."""
-  block = check_layer(block, model.config.vit.depth, "grounding ViT block")
+def itc_gradcam(model: SIMLA, params, images, ids, mask, block: int | None) -> jax.Array:
+  """ITC Grad-CAM maps (b, g, g) at ViT block `block` (official `--gradcam_mode itc`);
+  `block=None`: every block's, (depth, b, g, g)."""
+  depth = model.config.vit.depth
+  if block is not None:
+    block = check_layer(block, depth, "grounding ViT block")
 
   def similarity(module: SIMLA, images, ids, mask):
     image_seq = module.vit(images, hook_attention=True)
@@ -135,11 +143,13 @@ def itc_gradcam(model: SIMLA, params, images, ids, mask, block: int) -> jax.Arra
   def apply(variables, *args, mutable):
     return model.apply(variables, *args, method=similarity, mutable=mutable)
 
-  probs, grads = _probs_and_grads(apply, params, _VIT, block, images, ids, mask)
-  return _to_grid(itc_cam(probs, grads))
+  probs, grads = _probs_and_grads(apply, params, _VIT, depth, images, ids, mask)
+  maps = _to_grid(jax.vmap(itc_cam)(probs, grads))
+  return maps if block is None else maps[block]
 
 
-def gradcam(mode: str, model: SIMLA, params, images, ids, mask, layer: int) -> jax.Array:
+def gradcam(mode: str, model: SIMLA, params, images, ids, mask, layer: int | None) -> jax.Array:
+  """`itm_gradcam` or `itc_gradcam` by `mode`."""
   if mode == "itm":
     return itm_gradcam(model, params, images, ids, mask, layer)
   if mode == "itc":

@@ -1,0 +1,64 @@
+"""Grounding task: baselines on hand boxes, config errors, run.py end to end."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tiny_checkpoint
+from configs import simla_grounding
+from simla_jax.tasks import grounding
+from train_jax import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_box_baselines_on_hand_boxes():
+  proposals = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 6], [40, 0, 5, 5]], float)
+  truth = np.array([0, 0, 10, 10], float)
+  assert grounding.largest_box(proposals) == 1
+  assert not grounding.proposal_accuracy(proposals, truth, 1)
+  assert grounding.proposal_accuracy(proposals, truth, 2)        # IoU 0.6
+  assert grounding.random_box_hit_rate(proposals, truth) == pytest.approx(2 / 4)
+
+
+def test_config_variants_and_unknown_mode():
+  assert simla_grounding.get_config().grounding.layer == 2
+  refcoco = simla_grounding.get_config("refcoco")
+  assert (refcoco.grounding.layer, refcoco.data.image_size, refcoco.optimizer.lr) == (8, 384, 1e-5)
+  with pytest.raises(ValueError, match="unknown variant"):
+    simla_grounding.get_config("flickr")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  tiny_checkpoint.write_tiny_pretraining(workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_run_py_fine_tunes_and_writes_grounding_accuracy(pretrained, tmp_path):
+  out = tmp_path / "grounding"
+  cmd = [sys.executable, "run.py", "--config=configs/simla_grounding.py",
+         f"--config.init.checkpoint={pretrained}", "--config.data.image_size=32",
+         "--config.data.max_len=16", "--config.grounding.layer=-1", "--config.grounding.heatmaps=2",
+         "--config.data.shapes.val_size=3", "--config.data.shapes.test_size=3",
+         "--config.train_images=8", "--config.batch_size=16", "--config.queue_size=32",
+         "--config.eval.batch_size=8", "--config.total_steps=2", "--config.eval_every_steps=1",
+         "--config.log_every_steps=1", "--config.progress_bar=False", f"--workdir={out}"]
+  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  evals = [r for r in metrics_lib.read_metrics(str(out)) if "eval/val_acc" in r]
+  assert [r["step"] for r in evals] == [1, 2]
+  assert "eval/test_acc" not in evals[0]          # the test split is scored once, at the end
+  final = evals[-1]
+  for split in ("val", "test"):
+    for name in ("acc", "itc_acc", "largest_acc", "random_acc"):
+      assert 0.0 <= final[f"eval/{split}_{name}"] <= 100.0
+  # 1-4 objects + 4 distractors, one of them correct.
+  assert 100 / 8 <= final["eval/test_random_acc"] <= 100 / 5
+  pngs = sorted(os.listdir(out / "heatmaps"))
+  assert len(pngs) == 2 and pngs[0].startswith("test_")
