@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      f"(default | refcoco)")
   c = simla_retrieval.get_config("default")
   c.family = "simla_grounding"
-  del c.eval_only
+  c.eval_only = False                 # True: score init.checkpoint as it is, no fine-tuning
   del c.finetune_images
   c.grounding = ml_collections.ConfigDict(dict(
       mode="itm",                     # itm: cross-attention Grad-CAM; itc: ViT self-attention

@@ -23,6 +23,7 @@ val / testA / testB from the refs), in percent:
   <split>_<mode><k>_acc  with `grounding.all_layers`: every BERT layer k (itm) and ViT
                        block k (itc), all from the same pass (layer selection on val)
 At the end `grounding.heatmaps` test examples are drawn to <workdir>/heatmaps/.
+`config.eval_only=True` scores `init.checkpoint` without fine-tuning (`evaluate_checkpoint`).
 """
 
 import collections
@@ -44,6 +45,7 @@ from simla_jax.data import refcoco
 from simla_jax.data.tokenizer import Tokenizer, pre_caption
 from simla_jax.models import SIMLA
 from simla_jax.tasks import retrieval as rt
+from train_jax import metrics as metrics_lib
 from train_jax import optimizers
 from train_jax.task import Task
 
@@ -254,3 +256,27 @@ def make_task(config, mesh) -> Task:
                                             simla_train.batch_shards(config, mesh)),
               train_data=train_data, evaluate=evaluate, finish=finish,
               loss_keys=("loss",) + rt.LOSSES)
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """`eval_only`: scores `init.checkpoint` as it is (no fine-tuning) on eval.splits and
+  eval.final_splits; writes metrics.jsonl and heat maps."""
+  tokenizer = pipeline.make_tokenizer(train_data_config(config))
+  pretrained = rt.load_pretrained(config)
+  model = rt.build_model(config, tokenizer, pretrained)
+  params = jax.tree.map(jnp.asarray, pretrained.params)
+  names = tuple(dict.fromkeys(tuple(config.eval.splits) + tuple(config.eval.final_splits)))
+  evaluator = Evaluator(config, model, tokenizer, {s: eval_source(config, s) for s in names})
+  scores = evaluator(params, names)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
+                                    is_main=jax.process_index() == 0)
+  writer.write(pretrained.step, {f"eval/{k}": v for k, v in scores.items()})
+  writer.close()
+  if jax.process_index() == 0:
+    if int(config.grounding.heatmaps):
+      evaluator.draw(params, names[-1], int(config.grounding.heatmaps),
+                     os.path.join(workdir, "heatmaps"))
+    print(", ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+    print(f"Evaluated {pretrained.source} (step {pretrained.step}). Metrics: {writer.path}",
+          flush=True)
+  return scores

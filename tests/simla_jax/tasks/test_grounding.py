@@ -39,6 +39,22 @@ def pretrained(tmp_path_factory):
   return workdir
 
 
+def test_eval_only_scores_the_checkpoint_as_it_is(pretrained, tmp_path):
+  c = simla_grounding.get_config()
+  c.init.checkpoint = pretrained
+  c.data.image_size, c.data.max_len = 32, 16
+  c.data.shapes.update(val_size=2, test_size=2)
+  c.grounding.update(layer=-1, heatmaps=1)
+  c.eval.batch_size = 8
+  scores = grounding.evaluate_checkpoint(c, str(tmp_path))
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  assert rows[-1]["step"] == tiny_checkpoint.STEP
+  assert rows[-1]["eval/test_acc"] == pytest.approx(scores["test_acc"])
+  # Every BERT layer and ViT block of the tiny model is scored; the headline is the last.
+  assert scores["val_acc"] == scores["val_itm1_acc"] and "val_itc1_acc" in scores
+  assert os.listdir(tmp_path / "heatmaps") == ["test_0000.png"]
+
+
 @pytest.mark.slow
 def test_run_py_fine_tunes_and_writes_grounding_accuracy(pretrained, tmp_path):
   out = tmp_path / "grounding"
