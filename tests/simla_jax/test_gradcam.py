@@ -179,3 +179,14 @@ def test_iou_and_accuracy_threshold_on_hand_boxes():
   assert gradcam.iou_xywh(a, [20, 20, 5, 5]) == 0.0
   assert gradcam.iou_xywh(a, [0, 0, 10, 5]) == pytest.approx(0.5)   # exactly 0.5: a hit
   np.testing.assert_array_equal(gradcam.xyxy_to_xywh([[2, 3, 7, 9]]), [[2, 3, 5, 6]])
+
+
+def test_hook_refuses_cls_only(tiny):
+  _, model, params, images, ids, mask = tiny
+
+  def fused(module):
+    seq = module.embed_image(images)
+    return module.bert.encode(module.bert.embed(ids), mask, seq, hook_cross=True, cls_only=True)
+
+  with pytest.raises(ValueError, match="hook_cross needs every layer over all positions"):
+    model.apply({"params": params}, method=fused)
