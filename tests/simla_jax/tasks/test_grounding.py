@@ -25,7 +25,7 @@ def test_box_baselines_on_hand_boxes():
 
 
 def test_config_variants_and_unknown_mode():
-  assert simla_grounding.get_config().grounding.layer == 1
+  assert simla_grounding.get_config().grounding.layer == -1
   refcoco = simla_grounding.get_config("refcoco")
   assert (refcoco.grounding.layer, refcoco.data.image_size, refcoco.optimizer.lr) == (8, 384, 1e-5)
   with pytest.raises(ValueError, match="unknown variant"):
