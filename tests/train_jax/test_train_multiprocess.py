@@ -97,8 +97,11 @@ def test_two_processes_take_the_same_steps_as_one(runs):
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for step in a:
     assert a[step].keys() == b[step].keys()
-    for k in a[step]:   # float32 reductions may be grouped differently across processes
-      np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-5, atol=1e-6,
+    for k in a[step]:   # float32 reductions may be grouped differently across processes;
+      # the meta losses come after a look-ahead step, which carries that rounding one step
+      # further (a per-group meta loss differed by 1.4e-5 relative at step 3).
+      rtol = 5e-5 if k.startswith("train/meta_loss") else 1e-5
+      np.testing.assert_allclose(b[step][k], a[step][k], rtol=rtol, atol=1e-6,
                                  err_msg=f"{family} step {step} {k}")
   if family == "mvcom":
     assert "train/meta_loss" in a[1]   # the bilevel step ran
