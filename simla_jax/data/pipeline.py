@@ -92,6 +92,22 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   return Tokenizer.from_words(shapes.vocabulary(data_cfg), **kwargs)
 
 
+def extended_tokenizer(data_cfg: Any, words) -> tuple[Tokenizer, int]:
+  """(tokenizer, size of the pretraining vocabulary) for a downstream task.
+
+  The shapes world's vocabulary gets the task's `words` that it lacks appended, so the
+  pretraining ids are unchanged; a vocab_file is used as it is.
+  """
+  base = make_tokenizer(data_cfg)
+  if data_cfg.tokenizer.vocab_file:
+    return base, base.vocab_size
+  known = set(base.vocab)
+  t = data_cfg.tokenizer
+  extra = [w for w in words if w not in known]
+  return Tokenizer(base.vocab + extra, max_len=int(data_cfg.max_len), add_sep=bool(t.add_sep),
+                   lowercase=bool(t.lowercase)), base.vocab_size
+
+
 class TooManyBadExamplesError(RuntimeError):
   """More bad examples than `captions.max_bad_fraction` allows, or an epoch with none good."""
 

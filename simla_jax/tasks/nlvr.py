@@ -131,14 +131,7 @@ def text_assignment(rng: jax.Array, image_feat_b_e: jax.Array,
 def make_tokenizer(data_cfg) -> tuple[Tokenizer, int]:
   """(tokenizer, size of the pretraining vocabulary): the shapes vocabulary gets the
   statement words appended (pretraining ids unchanged); a vocab_file is used as is."""
-  base = pipeline.make_tokenizer(data_cfg)
-  if data_cfg.tokenizer.vocab_file:
-    return base, base.vocab_size
-  known = set(base.vocab)
-  extra = [w for w in nlvr_shapes.vocabulary() if w not in known]
-  t = data_cfg.tokenizer
-  return Tokenizer(base.vocab + extra, max_len=int(data_cfg.max_len), add_sep=bool(t.add_sep),
-                   lowercase=bool(t.lowercase)), base.vocab_size
+  return pipeline.extended_tokenizer(data_cfg, nlvr_shapes.vocabulary())
 
 
 def _read_run(workdir: str) -> dict:

@@ -95,14 +95,7 @@ def make_tokenizer(data_cfg) -> tuple[Tokenizer, int]:
   A vocab_file is used as it is; the shapes world's built vocabulary gets the
   hypothesis words appended, so the pretraining ids are unchanged.
   """
-  base = pipeline.make_tokenizer(data_cfg)
-  if data_cfg.tokenizer.vocab_file:
-    return base, base.vocab_size
-  known = set(base.vocab)
-  extra = [w for w in entailment.vocabulary() if w not in known]
-  t = data_cfg.tokenizer
-  return Tokenizer(base.vocab + extra, max_len=int(data_cfg.max_len), add_sep=bool(t.add_sep),
-                   lowercase=bool(t.lowercase)), base.vocab_size
+  return pipeline.extended_tokenizer(data_cfg, entailment.vocabulary())
 
 
 def grow_vocabulary(tree: Mapping[str, Any], base_size: int, vocab_size: int,

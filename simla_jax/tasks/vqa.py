@@ -158,17 +158,10 @@ def make_tokenizers(data_cfg) -> tuple[Tokenizer, Tokenizer, int]:
   `answer_max_len`. The shapes world's vocabulary gets the question words appended,
   so the pretraining ids are unchanged; a vocab_file is used as it is.
   """
-  base = pipeline.make_tokenizer(data_cfg)
-  t = data_cfg.tokenizer
-  vocab = list(base.vocab)
-  if not t.vocab_file:
-    known = set(vocab)
-    vocab += [w for w in vqa_shapes.vocabulary() if w not in known]
-  question = Tokenizer(vocab, max_len=int(data_cfg.max_len), add_sep=bool(t.add_sep),
-                       lowercase=bool(t.lowercase))
-  answer = Tokenizer(vocab, max_len=int(data_cfg.answer_max_len), add_sep=True,
-                     lowercase=bool(t.lowercase))
-  return question, answer, base.vocab_size
+  question, base_size = pipeline.extended_tokenizer(data_cfg, vqa_shapes.vocabulary())
+  answer = Tokenizer(list(question.vocab), max_len=int(data_cfg.answer_max_len), add_sep=True,
+                     lowercase=bool(data_cfg.tokenizer.lowercase))
+  return question, answer, base_size
 
 
 def tokenize_answers(tokenizer: Tokenizer, answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
