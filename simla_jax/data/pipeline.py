@@ -258,9 +258,16 @@ def make_train_dataset(data_cfg: Any, *, batch_size: int, split: str = "train",
   ds = ds.repeat(None if loader.num_epochs < 0 else int(loader.num_epochs))
   ds = ds.map_with_index(ExampleTransform(data_cfg, tokenizer or make_tokenizer(data_cfg),
                                           seed=seed, epoch_length=epoch_length))
+  return batched(ds, loader, batch_size, drop_remainder=bool(loader.drop_remainder))
+
+
+def batched(ds: grain.MapDataset, loader: Any, batch_size: int,
+            drop_remainder: bool = True) -> grain.IterDataset:
+  """Read with `loader`'s threads and prefetch, batch, and (worker_count > 0) prefetch
+  the batches in worker processes."""
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(loader.num_threads),
                                             prefetch_buffer_size=int(loader.prefetch_buffer_size)))
-  ds = ds.batch(batch_size, drop_remainder=bool(loader.drop_remainder))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if loader.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(loader.worker_count),
@@ -271,6 +278,21 @@ def make_train_dataset(data_cfg: Any, *, batch_size: int, split: str = "train",
 def make_train_iterator(data_cfg: Any, **kwargs) -> grain.DatasetIterator:
   """`iter(make_train_dataset(...))`: has get_state() / set_state() for checkpoints."""
   return iter(make_train_dataset(data_cfg, **kwargs))
+
+
+def task_train_iterator(data_cfg: Any, source, batch_size: int, make_transform,
+                        what: str) -> grain.DatasetIterator:
+  """A fine-tuning task's training batches: this process's shard of `source`, reshuffled
+  every epoch (seed `data.seed`), repeated, `make_transform(epoch_length)` applied with the
+  example index, batched by `batched`."""
+  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+  if len(ds) < batch_size:
+    raise ValueError(f"{what}: {len(ds)} training examples in this shard, fewer than one "
+                     f"batch of {batch_size}")
+  epoch_length = len(ds)
+  ds = ds.shuffle(seed=int(data_cfg.seed)).repeat(None)
+  ds = ds.map_with_index(make_transform(epoch_length))
+  return iter(batched(ds, data_cfg.loader, batch_size))
 
 
 def _captions_of(source, index: int) -> list[str]:

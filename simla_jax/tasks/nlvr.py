@@ -266,33 +266,16 @@ class ExampleTransform(grain.transforms.MapWithIndex):
                 kind=np.int32(kind), index=np.int32(index))
 
 
-def _batched(ds, loader, batch_size: int):
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(loader.num_threads),
-                                            prefetch_buffer_size=int(loader.prefetch_buffer_size)))
-  ds = ds.batch(batch_size, drop_remainder=True)
-  if loader.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(loader.worker_count),
-        per_worker_buffer_size=int(loader.worker_buffer_size)))
-  return iter(ds)
-
-
 def make_train_iterator(config, tokenizer: Tokenizer) -> grain.DatasetIterator:
   """This process's shard, reshuffled every epoch, repeated, augmented, batched."""
   d = config.data
   batch_size = int(config.batch_size) // jax.process_count()
   if config.family == "simla_nlvr_pretrain":   # image-caption pairs, as the pretraining reads
     return pipeline.make_train_iterator(d, batch_size=batch_size, tokenizer=tokenizer)
-  ds = grain.MapDataset.source(make_source(config, "train"))
-  ds = ds[jax.process_index()::jax.process_count()]
-  if len(ds) < batch_size:
-    raise ValueError(f"nlvr: {len(ds)} training examples in this shard, fewer than one "
-                     f"batch of {batch_size}")
-  epoch_length = len(ds)
-  ds = ds.shuffle(seed=int(d.seed)).repeat(None)
-  ds = ds.map_with_index(ExampleTransform(d, tokenizer, seed=int(d.seed),
-                                          epoch_length=epoch_length, train=True))
-  return _batched(ds, d.loader, batch_size)
+  return pipeline.task_train_iterator(
+      d, make_source(config, "train"), batch_size,
+      lambda n: ExampleTransform(d, tokenizer, seed=int(d.seed), epoch_length=n, train=True),
+      "nlvr")
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -319,25 +319,12 @@ class ExampleTransform(grain.transforms.MapWithIndex):
 
 def make_train_iterator(config, loaded: Loaded, source) -> grain.DatasetIterator:
   """This process's shard, reshuffled every epoch, repeated, augmented, batched."""
-  d, loader = config.data, config.data.loader
-  batch_size = int(config.batch_size) // jax.process_count()
-  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-  if len(ds) < batch_size:
-    raise ValueError(f"vqa: {len(ds)} training examples in this shard, fewer than one batch "
-                     f"of {batch_size}")
-  seed = int(d.seed)
-  epoch_length = len(ds)
-  ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map_with_index(ExampleTransform(d, loaded.tokenizer, loaded.answer_tokenizer,
-                                          seed=seed, epoch_length=epoch_length, train=True))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(loader.num_threads),
-                                            prefetch_buffer_size=int(loader.prefetch_buffer_size)))
-  ds = ds.batch(batch_size, drop_remainder=True)
-  if loader.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(loader.worker_count),
-        per_worker_buffer_size=int(loader.worker_buffer_size)))
-  return iter(ds)
+  d = config.data
+  return pipeline.task_train_iterator(
+      d, source, int(config.batch_size) // jax.process_count(),
+      lambda n: ExampleTransform(d, loaded.tokenizer, loaded.answer_tokenizer, seed=int(d.seed),
+                                 epoch_length=n, train=True),
+      "vqa")
 
 
 def train_majority(source, limit: int = 0) -> dict[str, str]:
