@@ -32,11 +32,12 @@ def soft_cross_entropy(logits, targets, axis=-1):
 
 # --------------------------------------------------------------------------- ITC
 def itc_loss(img_b_e, txt_b_e, img_m_b_e, txt_m_b_e, image_queue_q_e, text_queue_q_e,
-             temp, alpha):
+             temp, alpha, targets_b_n=None):
   """Contrastive loss with momentum distillation (ALBEF / spec §2.1).
 
-  Online features are compared with [momentum batch ; queue]; targets mix the
-  momentum model's softmax (weight alpha) with the one-hot on the pair itself.
+  Online features are compared with [momentum batch ; queue] (N = B + Q entries);
+  targets mix the momentum model's softmax (weight alpha) with the hard targets:
+  `targets_b_n` (B, N), rows summing to 1, or by default the one-hot on the pair itself.
   Returns (loss, sim_i2t (B, B+Q), sim_t2i (B, B+Q)).
   """
   img_all = jnp.concatenate([img_m_b_e, image_queue_q_e], axis=0)   # (B+Q, E)
@@ -45,9 +46,10 @@ def itc_loss(img_b_e, txt_b_e, img_m_b_e, txt_m_b_e, image_queue_q_e, text_queue
   sim_t2i = txt_b_e @ img_all.T / temp
   sim_i2t_m = jax.lax.stop_gradient(img_m_b_e @ txt_all.T / temp)
   sim_t2i_m = jax.lax.stop_gradient(txt_m_b_e @ img_all.T / temp)
-  onehot = jax.nn.one_hot(jnp.arange(img_b_e.shape[0]), img_all.shape[0])
-  target_i2t = alpha * jax.nn.softmax(sim_i2t_m, -1) + (1 - alpha) * onehot
-  target_t2i = alpha * jax.nn.softmax(sim_t2i_m, -1) + (1 - alpha) * onehot
+  if targets_b_n is None:
+    targets_b_n = jax.nn.one_hot(jnp.arange(img_b_e.shape[0]), img_all.shape[0])
+  target_i2t = alpha * jax.nn.softmax(sim_i2t_m, -1) + (1 - alpha) * targets_b_n
+  target_t2i = alpha * jax.nn.softmax(sim_t2i_m, -1) + (1 - alpha) * targets_b_n
   loss = 0.5 * (soft_cross_entropy(sim_i2t, target_i2t).mean()
                 + soft_cross_entropy(sim_t2i, target_t2i).mean())
   return loss, sim_i2t, sim_t2i

@@ -77,18 +77,9 @@ def itc_id_loss(img_b_e, txt_b_e, img_m_b_e, txt_m_b_e, image_queue_q_e, text_qu
 
   Returns (loss, sim_i2t (B, B+Q), sim_t2i (B, B+Q)).
   """
-  img_all = jnp.concatenate([img_m_b_e, image_queue_q_e], axis=0)   # (B+Q, E)
-  txt_all = jnp.concatenate([txt_m_b_e, text_queue_q_e], axis=0)
   targets = id_positive_targets(idx_b, jnp.concatenate([idx_b, idx_queue_q]))
-  sim_i2t = img_b_e @ txt_all.T / temp
-  sim_t2i = txt_b_e @ img_all.T / temp
-  sim_i2t_m = jax.lax.stop_gradient(img_m_b_e @ txt_all.T / temp)
-  sim_t2i_m = jax.lax.stop_gradient(txt_m_b_e @ img_all.T / temp)
-  target_i2t = alpha * jax.nn.softmax(sim_i2t_m, -1) + (1 - alpha) * targets
-  target_t2i = alpha * jax.nn.softmax(sim_t2i_m, -1) + (1 - alpha) * targets
-  loss = 0.5 * (obj.soft_cross_entropy(sim_i2t, target_i2t).mean()
-                + obj.soft_cross_entropy(sim_t2i, target_t2i).mean())
-  return loss, sim_i2t, sim_t2i
+  return obj.itc_loss(img_b_e, txt_b_e, img_m_b_e, txt_m_b_e, image_queue_q_e, text_queue_q_e,
+                      temp, alpha, targets_b_n=targets)
 
 
 def sample_negatives_excluding_ids(rng, sim_i2t_b_b, sim_t2i_b_b, idx_b, shards: int = 1):
