@@ -10,7 +10,8 @@ Linear(hidden, 3), classes contradiction / neutral / entailment (official ids 0 
 Loss with momentum distillation (`distill=True`, as the official model): momentum
 copies of the ViT, BERT and head, updated (EMA, `model.momentum`) before each use;
   loss = (1 - alpha) CE(logits, label) - alpha sum softmax(logits_m) log_softmax(logits)
-with alpha ramped linearly from 0 over the first `alpha_warmup_steps` (an epoch).
+with alpha ramped linearly from 0 over the first `alpha_warmup_steps` (-1: one epoch of
+the training source, as the official epoch-0 ramp).
 
 Initialisation (`init.checkpoint`): loaded by `simla_jax.tasks.retrieval.load_pretrained`
 (a pretraining workdir, whose config.json defines the network, or an official .pth);
@@ -246,8 +247,20 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------- task
-def make_train_step(config, loaded: Loaded, tx, schedule):
-  """Returns the pure `(state, batch) -> (state, metrics)` VE fine-tuning step."""
+def alpha_warmup_steps(config, num_train: int) -> int:
+  """Steps of the distillation ramp: `config.alpha_warmup_steps`, or with -1 the steps
+  of one epoch over `num_train` training examples (the official ramp over epoch 0)."""
+  steps = int(config.alpha_warmup_steps)
+  if steps == -1:
+    return max(int(num_train) // int(config.batch_size), 1)
+  if steps < 0:
+    raise ValueError(f"alpha_warmup_steps {steps}: -1 (one epoch) or >= 0")
+  return steps
+
+
+def make_train_step(config, loaded: Loaded, tx, schedule, warmup_steps: int):
+  """Returns the pure `(state, batch) -> (state, metrics)` VE fine-tuning step;
+  `warmup_steps`: the distillation ramp (`alpha_warmup_steps`)."""
   model, head = loaded.model, loaded.head
   momentum = loaded.model.config.momentum
   distill, text_only = bool(config.distill), bool(config.text_only)
@@ -258,7 +271,7 @@ def make_train_step(config, loaded: Loaded, tx, schedule):
                                  batch["label"])
     if text_only:
       images = jnp.zeros_like(images)
-    alpha = obj.alpha_at(state.step, config.alpha, config.alpha_warmup_steps)
+    alpha = obj.alpha_at(state.step, config.alpha, warmup_steps)
     extras = dict(state.extras)
     if distill:   # as the official forward: momentum update, then the momentum prediction
       extras["momentum"] = ema_update(extras["momentum"], state.params, momentum)
@@ -307,6 +320,8 @@ def check_config(config) -> None:
                      f"{jax.process_count()} processes")
   if not 0.0 <= float(config.alpha) <= 1.0:
     raise ValueError(f"alpha {config.alpha} must be in [0, 1]")
+  if int(config.alpha_warmup_steps) < -1:
+    raise ValueError(f"alpha_warmup_steps {config.alpha_warmup_steps}: -1 (one epoch) or >= 0")
 
 
 def make_task(config, mesh) -> Task:
@@ -327,6 +342,7 @@ def make_task(config, mesh) -> Task:
     return evaluator(state.params, splits + final if at_end else splits)
 
   return Task(init=make_init(config, loaded, tx),
-              train_step=make_train_step(config, loaded, tx, schedule),
+              train_step=make_train_step(config, loaded, tx, schedule,
+                                         alpha_warmup_steps(config, len(train_source))),
               train_data=make_train_iterator(config, loaded.tokenizer, train_source),
               evaluate=evaluate)

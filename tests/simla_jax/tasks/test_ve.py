@@ -54,6 +54,19 @@ def test_distill_loss_matches_hand_computed_values():
   np.testing.assert_array_equal(g, 0.0)
 
 
+def test_alpha_warmup_minus_one_is_one_epoch_of_the_training_source():
+  c = simla_ve.get_config()
+  c.batch_size = 32
+  c.alpha_warmup_steps = -1
+  assert ve.alpha_warmup_steps(c, 30_000) == 937      # 30,000 // 32: the official epoch-0 ramp
+  assert ve.alpha_warmup_steps(c, 10) == 1            # never a zero-length ramp
+  c.alpha_warmup_steps = 50
+  assert ve.alpha_warmup_steps(c, 30_000) == 50       # an explicit count is kept
+  c.alpha_warmup_steps = -2
+  with pytest.raises(ValueError, match="alpha_warmup_steps"):
+    ve.check_config(c)
+
+
 # --------------------------------------------------------------------------- loading
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
