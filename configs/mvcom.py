@@ -70,6 +70,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       group_spread=(1.0, 1.0, 1.0),         # identity-code scale per group
       group_specificity=(0.0, 0.7, 0.9),    # weight of each group's own render subspace
       num_train_ids=2000, images_per_id=(4, 8),
+      images_per_id_by_group=(),  # one (lo, hi) per group; () -> images_per_id
       meta_ids_per_group=12, meta_images_per_id=4,
       meta_ids_by_group=(),      # one count per group (an unbalanced meta set); () -> the above
       test_ids_per_group=150, test_images_per_id=10, pairs_per_cell=3000,

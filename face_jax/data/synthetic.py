@@ -28,7 +28,8 @@ also has a continuous degree u ~ U(degree_min, 1) that scales it (shift, band he
 sigma), recorded as `<variation>_degree` (0 when the variation is absent).
 
 Splits.
-  train  `num_train_ids` identities, a variable number of images each (long tail)
+  train  `num_train_ids` identities, a variable number of images each (long tail):
+         `images_per_id` (lo, hi), or one range per group (`images_per_id_by_group`)
   meta   `meta_ids_per_group` identities of each group (or `meta_ids_by_group`, one count
          per group, for an unbalanced meta set), `meta_images_per_id` images each,
          variations at `meta_variation_rate(s)`; `meta_identities` "train": held-out images
@@ -117,9 +118,14 @@ class SyntheticFaces:
                        f"training identities at num_train_ids={n}")
     self.train_groups = _rng(self.seed, _SALT["groups"], 99).permutation(
         np.repeat(np.arange(self.num_groups), counts))
-    lo, hi = cfg.images_per_id
+    by_group = cfg.get("images_per_id_by_group", ())
+    if len(by_group) and len(by_group) != self.num_groups:
+      raise ValueError(f"data.images_per_id_by_group needs one (lo, hi) per group "
+                       f"({self.num_groups}), got {tuple(by_group)}")
+    ranges = [tuple(by_group[g]) if len(by_group) else tuple(cfg.images_per_id)
+              for g in self.train_groups]
     self.train_counts = np.array([_rng(self.seed, _SALT["count"], i).integers(lo, hi + 1)
-                                  for i in range(n)])
+                                  for i, (lo, hi) in enumerate(ranges)])
     self.train_starts = np.concatenate([[0], np.cumsum(self.train_counts)])
     self.class_prior = mvcom.class_prior(self.train_counts)
     self.test_groups = np.repeat(np.arange(self.num_groups), cfg.test_ids_per_group)
@@ -254,6 +260,16 @@ class SyntheticFaces:
       out.update({f"{v}_degree": np.array([d[v] for d in degrees], np.float32)
                   for v in variations.VARIATIONS})
     return out
+
+  def latent_codes(self, split: str, idx) -> np.ndarray:
+    """(b, code_dim) identity code + jitter of examples `idx`: what the renderer draws
+    from, before the group's render matrix, variations and pixel noise. Verification on
+    these codes bounds what any embedding can reach from identity alone."""
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    ident, group = self.identities(split, idx)
+    return np.stack([self.identity_code(y, g) + self.cfg.jitter * _rng(
+        self.seed, _SALT["render"], SPLITS[split], i).normal(size=self.cfg.code_dim).astype(np.float32)
+                     for i, y, g in zip(idx, ident, group)])
 
   def example(self, split: str, i: int) -> dict[str, np.ndarray]:
     return {k: v[0] for k, v in self.examples(split, [i]).items()}

@@ -6,6 +6,8 @@
   python -m face_jax.experiments.bias_study --stage=study --seeds=0,1,2,3,4 --results=R
   # table, verdict and PNGs from what is in R (any subset of runs)
   python -m face_jax.experiments.bias_study --stage=report --results=R [--out_dir=D]
+  # no training: verification on the test images' latent identity codes (the ceiling)
+  python -m face_jax.experiments.bias_study --stage=ceiling --seeds=0,1,2
 
 Every run is one JSON in --results named <arm>_seed<s>.json and is skipped when present,
 so a study can be resumed or grown. Each arm is configs/mvcom.py with the world variant
@@ -33,8 +35,10 @@ import jax
 import numpy as np
 
 from configs import mvcom as mvcom_config
+from face_jax import evaluate as evaluate_lib
 from face_jax import mvcom
 from face_jax import train
+from face_jax.data import synthetic
 from train_jax import optimizers
 from train_jax import sharding
 
@@ -44,6 +48,7 @@ GATE_POINTS, GATE_SEEDS, VERDICT_SEEDS = 2.0, 3, 5
 # variation, positive and negative.
 CONTROL = {
     "minority+": {"group": (0.0, 0.15, 0.3)},
+    "minority++": {"group": (0.0, 0.3, 0.6)},     # minority margins 0.65 / 0.95 (m0 0.35)
     "minority-": {"group": (0.0, -0.15, -0.3)},
     "minority--": {"group": (0.0, -0.25, -0.5)},   # minority margins 0.1 / -0.15 (m0 0.35)
     "majority-": {"group": (-0.2, 0.0, 0.0)},
@@ -152,12 +157,36 @@ def run_arm(arm: str, config, log_every: int = 25, verbose: bool = True) -> dict
     scores = task.evaluate(state)
     t_eval = time.time() - t_eval
   out = {"arm": arm, "seed": seed, "steps": steps, "scores": scores, "history": history,
+         "similarity": pair_similarity(getattr(task.evaluate, "last_results", None) or {}),
          "train_s": t_train, "eval_s": t_eval, "wall_s": time.time() - t_start,
          "cpu_s": time.process_time() - c_start, "config": config.to_dict()}
   if "margin" in state.extras:
     out["margins"] = {k: v.tolist() for k, v in mvcom.factor_offsets(
         jax.device_get(state.extras["margin"]), config.mvcom.bound, config.mvcom.class_bound).items()}
   return out
+
+
+def pair_similarity(results: dict) -> dict:
+  """{cell: {genuine_mean, genuine_std, impostor_mean, impostor_std}} of the test pairs'
+  cosine similarity (1 - squared distance / 2 of the normalised embeddings)."""
+  out = {}
+  for cell, r in results.items():
+    cos = 1.0 - np.asarray(r["dist"]) / 2.0
+    same = np.asarray(r["issame"], bool)
+    out[cell] = {"genuine_mean": float(cos[same].mean()), "genuine_std": float(cos[same].std()),
+                 "impostor_mean": float(cos[~same].mean()), "impostor_std": float(cos[~same].std())}
+  return out
+
+
+def code_ceiling(config) -> dict[str, float]:
+  """{acc_<cell>: accuracy} of verification on the test images' latent identity codes
+  (face_jax/data/synthetic.py latent_codes): the accuracy that identity alone allows
+  before rendering and variations; a trained model far below it is learning-limited."""
+  faces = synthetic.SyntheticFaces(config.data, config.seed)
+  codes = faces.latent_codes("test", np.arange(faces.size("test")))
+  return {f"acc_{name}": evaluate_lib.verification(codes[p.a], codes[p.b], p.issame,
+                                                   n_folds=config.eval.n_folds)["accuracy"]
+          for name, p in faces.test_pairs().items()}
 
 
 # --- reading the results ------------------------------------------------------------------
@@ -347,7 +376,7 @@ def best_control(results) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--stage", choices=("control", "study", "report"), default="report")
+  parser.add_argument("--stage", choices=("control", "study", "report", "ceiling"), default="report")
   parser.add_argument("--arms", default="", help="comma-separated subset of the stage's arms")
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--world", default="joint_bias", help="configs/mvcom.py variant(s) of the world")
@@ -362,6 +391,12 @@ def main():
   os.makedirs(args.results, exist_ok=True)
   if args.stage == "report":
     print(report(load_results(args.results), args.out_dir or args.results))
+    return
+  if args.stage == "ceiling":   # no training: the world's identity-code ceiling per seed
+    for seed in [int(s) for s in args.seeds.split(",")]:
+      acc = code_ceiling(make_config("cosface", seed, args.world, args.steps, args.override))
+      print(f"seed {seed} code ceiling: " + ", ".join(
+          f"{k[4:]} {100 * v:.2f}" for k, v in acc.items() if "_" not in k[4:]), flush=True)
     return
   arms = list(CONTROL_ARMS) if args.stage == "control" else list(ARMS)
   arms = ["cosface", *[a for a in arms if a != "cosface"]]

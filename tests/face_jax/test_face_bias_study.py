@@ -92,3 +92,23 @@ def test_run_arm_trains_and_records_history():
   assert [h["step"] for h in r["history"]] == [2, 4]
   assert {"margin_met_group0", "p_target_group2", "loss"} <= set(r["history"][-1])
   assert 0.4 < r["scores"]["acc_worst_group"] <= 1 and r["cpu_s"] > 0
+
+
+def test_pair_similarity_is_cosine_of_genuine_and_impostor_pairs():
+  # Unit vectors at angles 0, 60 and 90 degrees to a reference: squared distances 0, 1, 2.
+  results = {"group0": {"dist": np.array([0.0, 1.0, 2.0, 1.0]),
+                        "issame": np.array([True, True, False, False])}}
+  sim = bias_study.pair_similarity(results)["group0"]
+  np.testing.assert_allclose([sim["genuine_mean"], sim["genuine_std"]], [0.75, 0.25])
+  np.testing.assert_allclose([sim["impostor_mean"], sim["impostor_std"]], [0.25, 0.25])
+
+
+def test_code_ceiling_falls_with_jitter():
+  def ceiling(jitter):
+    c = bias_study.make_config("cosface", 0, "joint_bias", 0, [f"data.jitter={jitter}"])
+    c.data.update(num_train_ids=60, test_ids_per_group=20, test_images_per_id=4, pairs_per_cell=400,
+                  meta_ids_per_group=2, image_size=8, frequencies=3)
+    return bias_study.code_ceiling(c)
+  tight, loose = ceiling(0.05), ceiling(2.0)
+  assert tight["acc_group0"] > 0.97 and loose["acc_group0"] < tight["acc_group0"] - 0.1
+  assert set(tight) >= {"acc_group0", "acc_group2", "acc_clean", "acc_group1_blur"}

@@ -63,6 +63,31 @@ def test_splits_groups_and_identities():
     f.examples("test", [f.size("test")])
 
 
+def test_images_per_id_by_group():
+  f = synthetic.SyntheticFaces(_cfg(images_per_id_by_group=((8, 10), (2, 3), (2, 2))), 0)
+  for g, (lo, hi) in enumerate(((8, 10), (2, 3), (2, 2))):
+    counts = f.train_counts[f.train_groups == g]
+    assert counts.min() >= lo and counts.max() <= hi, g
+  ident, _ = f.identities("train", np.arange(len(f)))
+  np.testing.assert_array_equal(np.bincount(ident), f.train_counts)
+  with pytest.raises(ValueError, match="images_per_id_by_group"):
+    synthetic.SyntheticFaces(_cfg(images_per_id_by_group=((2, 3),)), 0)
+
+
+def test_latent_codes_are_what_the_renderer_draws():
+  cfg = _cfg(pixel_noise=0.0, train_variation_rate=0.0, test_variation_rate=0.0)
+  f = synthetic.SyntheticFaces(cfg, 3)
+  idx = np.array([0, 7, 40])
+  codes = f.latent_codes("test", idx)
+  e = f.examples("test", idx)
+  for img, code, g in zip(e["image"], codes, e["group"]):
+    coef = (f.mixing[g] @ code).reshape(cfg.channels, -1)
+    field = np.einsum("ck,kp->pc", coef, f.basis).reshape(img.shape)
+    np.testing.assert_allclose(np.tanh(cfg.gain * field) + f.tints[g], img, atol=1e-5)
+  same = f.latent_codes("test", [0, 1])                 # one identity, two jitters
+  assert not np.allclose(same[0], same[1])
+
+
 def test_variation_rates_and_attributes():
   f = synthetic.SyntheticFaces(_cfg(train_variation_rate=0.3), 1)
   e = f.examples("train", np.arange(600))
