@@ -14,9 +14,12 @@ Variants (comma-separated, applied in order):
   prototype            MvCoM whose meta objective is the open-set prototype loss on new
                        identities, meta batch stratified by group (face_jax/steps.py)
   mwnet                meta optimiser as Meta-Weight-Net: Adam 1e-3, weight decay 1e-4
-  joint_bias           the world where margins matter (issue 15): crowded minorities,
-                       group x variation rates, look-alike identities, continuous variation
-                       degrees, training long enough for the margin to bind
+  joint_bias           the world of issue 15: crowded minorities, group x variation rates,
+                       look-alike identities, continuous variation degrees, training long
+                       enough for the margin to bind (no hand-set margin moved its worst group)
+  tight                after joint_bias: identities 2.3x tighter (jitter 0.15) and the
+                       minorities more crowded, so the learned representation, not the
+                       rendering noise, limits accuracy (the bias study's world)
   paper                IResNet-100 on an MS1MV2-style .rec (insightface recipe); set
                        data.rec_prefix / meta_rec_prefix / val_bins to your files
 """
@@ -26,7 +29,7 @@ import ml_collections
 from configs import common
 
 VARIANTS = ("cosface", "arcface", "fixed_group_margins", "ldam", "balanced", "l2rw", "predicted",
-            "prototype", "mwnet", "joint_bias", "paper")
+            "prototype", "mwnet", "joint_bias", "tight", "paper")
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -180,6 +183,8 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.mvcom.update(meta_lr=1e-3, meta_weight_decay=1e-4)
   elif variant == "joint_bias":
     _joint_bias_world(c)
+  elif variant == "tight":
+    _tight_world(c)
   elif variant == "paper":
     c.batch_size = 512
     c.total_steps = 20 * 5_822_653 // 512          # 20 epochs of MS1MV2
@@ -225,3 +230,16 @@ def _joint_bias_world(c: ml_collections.ConfigDict) -> None:
       test_ids_per_group=100, test_images_per_id=8,
       group_variation_pairs=True)
   c.mvcom.degrees = True
+
+
+def _tight_world(c: ml_collections.ConfigDict) -> None:
+  """joint_bias where identity, not rendering noise, limits accuracy.
+
+  In joint_bias (seed 100) verification on the test images' identity codes reaches
+  99.4 / 98.6 / 96.9 % per group while CosFace reaches 96.0 / 91.2 / 87.2, and neither a
+  global margin (m 0 vs 0.35: worst group -0.7) nor per-group margins moved the worst group
+  by 2 points. Chosen on seed 100 (the study runs seeds 0-4): tighter identities and more
+  crowded minorities, where a minority margin moves the minority.
+  """
+  _joint_bias_world(c)
+  c.data.update(jitter=0.15, group_spread=(1.0, 0.55, 0.4))

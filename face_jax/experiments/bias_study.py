@@ -379,7 +379,7 @@ def main():
   parser.add_argument("--stage", choices=("control", "study", "report", "ceiling"), default="report")
   parser.add_argument("--arms", default="", help="comma-separated subset of the stage's arms")
   parser.add_argument("--seeds", default="0,1,2,3,4")
-  parser.add_argument("--world", default="joint_bias", help="configs/mvcom.py variant(s) of the world")
+  parser.add_argument("--world", default="tight", help="configs/mvcom.py variant(s) of the world")
   parser.add_argument("--steps", type=int, default=0, help="0: the world's total_steps")
   parser.add_argument("--override", action="append", default=[],
                       help="config assignment applied to every arm, e.g. data.jitter=0.4")

@@ -112,3 +112,13 @@ def test_code_ceiling_falls_with_jitter():
   tight, loose = ceiling(0.05), ceiling(2.0)
   assert tight["acc_group0"] > 0.97 and loose["acc_group0"] < tight["acc_group0"] - 0.1
   assert set(tight) >= {"acc_group0", "acc_group2", "acc_clean", "acc_group1_blur"}
+
+
+def test_tight_world_is_joint_bias_with_tighter_identities():
+  joint = bias_study.make_config("cosface", 0, "joint_bias", 0).to_dict()
+  tight = bias_study.make_config("cosface", 0, "tight", 0).to_dict()
+  changed = {k for k in joint["data"] if joint["data"][k] != tight["data"][k]}
+  assert changed == {"jitter", "group_spread"}
+  assert tight["data"]["jitter"] < joint["data"]["jitter"]
+  assert all(t <= j for t, j in zip(tight["data"]["group_spread"], joint["data"]["group_spread"]))
+  assert {k: v for k, v in joint.items() if k != "data"} == {k: v for k, v in tight.items() if k != "data"}
