@@ -92,14 +92,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # statement true and the words left / right name the images, so they are not swapped.
   c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0, flip_swap=())
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
-  c.train_pairs = 2000                # 4,000 statements: an epoch = 125 steps
+  # Val-selected at seed 0 (README): lr 1e-4 for 900 steps on 6,000 pairs reads the images
+  # (val 64.0 %; 58.2 % at step 300, still the statement prior); lr 1e-3 does not (val
+  # frozen at 59.0 %, every kind at its statement-prior value, from step 200 on, with 1,200
+  # steps on 8,000 pairs as with 300 on 2,000).
+  c.train_pairs = 6000                # 12,000 statements: an epoch = 375 steps
   c.batch_size = 32
-  c.total_steps = 300
-  c.alpha_warmup_steps = 125
-  c.optimizer.lr = 1e-3
+  c.total_steps = 900
+  c.alpha_warmup_steps = 375
+  c.optimizer.lr = 1e-4               # the official 2e-5 (nlvr2) is for batch 64, 13k steps
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.schedule.update(warmup_steps=20, end_lr=1e-5)
   c.log_every_steps = 25
-  c.eval_every_steps = 100
-  c.checkpoint_every_steps = 300
+  c.eval_every_steps = 150
+  c.checkpoint_every_steps = 900
   return c
