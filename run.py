@@ -6,13 +6,17 @@ the latest checkpoint in the workdir. Compiled programs are kept in a persistent
 (--compile_cache), so a resumed run or a rerun of a config skips most of its compilation.
 """
 
-import importlib
-import os
+import time
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+_STARTED = time.perf_counter()   # start-up is measured from here (compile/first_step_s)
+
+import importlib  # noqa: E402
+import os  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 # Family name -> module with `make_task(config, mesh) -> train_jax.task.Task`.
 FAMILIES = {
@@ -112,7 +116,7 @@ def main(argv):
     module.evaluate_checkpoint(config, workdir)
     return
   try:
-    loop.train_and_evaluate(config, workdir, module.make_task)
+    loop.train_and_evaluate(config, workdir, module.make_task, started=_STARTED)
   except loop.RunInterrupted as e:  # the loop printed what it saved
     raise SystemExit(e.exit_code) from None
 

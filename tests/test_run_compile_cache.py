@@ -1,5 +1,5 @@
 """run.py's persistent compilation cache: a rerun or a resumed run compiles from it, and
-the loop reports how long the train step took to compile."""
+the loop reports how long the train step took to compile and the first step to finish."""
 
 import json
 import os
@@ -58,6 +58,9 @@ def test_rerun_and_resume_compile_from_the_cache(tmp_path):
   assert any(name.startswith("jit_train_step") for name in after_first)
   rows = _compile_rows(tmp_path / "a")
   assert len(rows) == 1 and rows[0]["step"] == 0 and rows[0]["compile/lower_s"] > 0
+  # Start-up to the first finished step includes the step's lowering and compilation.
+  assert "First train step done" in first
+  assert rows[0]["compile/first_step_s"] > rows[0]["compile/lower_s"] + rows[0]["compile/compile_s"]
 
   # The run as if stopped after its step-8 checkpoint: a second process, same config and
   # cache; every program it compiles is found there, none is added.

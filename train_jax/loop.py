@@ -64,12 +64,17 @@ def _any_process(flag: bool) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       make_task: Callable[[ml_collections.ConfigDict, Any], Task]) -> TrainState:
+                       make_task: Callable[[ml_collections.ConfigDict, Any], Task],
+                       started: float | None = None) -> TrainState:
   """Trains `config.total_steps` steps of the family's task, resuming from `workdir`.
+
+  `started` is the `time.perf_counter()` of the program's start (default: now); the first
+  step's completion is reported against it (`compile/first_step_s`).
 
   Raises `RunInterrupted` (after saving when the state is consistent) when a second
   signal arrives, or when a first one is not acted on within `preemption_grace_s`.
   """
+  started = time.perf_counter() if started is None else started
   if int(config.total_steps) < 1:
     raise ValueError(f"total_steps must be at least 1, got {config.total_steps}")
   is_main = jax.process_index() == 0
@@ -144,12 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             step_fn, timings = _compile_step(step_fn, state, batch)
             if jax.process_count() > 1:  # start together: CPU (gloo) collectives wait only 30 s
               multihost_utils.sync_global_devices("train_step_compiled")
-            writer.write(step, timings)
             if is_main:
               tqdm.tqdm.write(f"Compiled the train step in {timings['compile/compile_s']:.1f} s "
                               f"(lowering {timings['compile/lower_s']:.1f} s; compilation cache: "
                               f"{jax.config.jax_compilation_cache_dir or 'off'}).")
           state, step_metrics = step_fn(state, batch)
+          if step == start:   # one host sync: how long start-up took, up to a finished step
+            jax.block_until_ready(step_metrics)
+            timings["compile/first_step_s"] = time.perf_counter() - started
+            writer.write(step, timings)
+            if is_main:
+              tqdm.tqdm.write(f"First train step done {timings['compile/first_step_s']:.1f} s "
+                              "after start-up.")
           phase = "idle"
           if stop.requested:   # not blocked: stopping at the next (agreed) boundary
             stop.acknowledge()

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Compile-time targets of issue 11 on this CPU, in one run, each result kept the moment it
+# is measured (meant for an idle machine: wall seconds are what the targets count).
+#
+#   benchmarks/compile_times.sh OUT_DIR [END_EPOCH_S]
+#   SMOKE=1 benchmarks/compile_times.sh OUT_DIR        # the same sequence at tiny sizes
+#
+# Items, in order (each with its own time limit; none starts or runs past END_EPOCH_S):
+#   pair      ../shared/reference/speed_pair.sh (or SPEED_PAIR), when SIMLA_REF is set: the official PyTorch
+#             `small` step against ours, alternating, 2 rounds (our compile from CACHE_SMALL
+#             when given: a cache already holding the `small` step, so the rounds time steps)
+#   first_*   the default run (`python run.py --config=configs/simla.py`) from launch to its
+#             first finished step: empty compilation cache before / after the levers
+#             (BEFORE_FLAGS: run.py flags restoring the earlier settings), then a warm cache
+#   small     `small` step lowering + XLA compile, layers scanned
+#   mvcom     MvCoM default meta step (and plain step) lowering + compile
+#   base      `base` step (batch 8) lowering + XLA compile, layers scanned
+#   first_*2  a second before / after pair of the empty-cache default run, if time is left
+# OUT_DIR gets results.jsonl (JSON lines, benchmarks/report.py), log.txt and summary.txt
+# (one line per item: how it ended and what it measured).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python}
+OUT=${1:?OUT_DIR}
+END=${2:-$(( $(date +%s) + 1020 ))}
+mkdir -p "$OUT"
+RES="$OUT/results.jsonl"; LOG="$OUT/log.txt"; SUM="$OUT/summary.txt"
+BEFORE_FLAGS=${BEFORE_FLAGS:---config.mlm_capacity.capacity=64}
+
+if [[ -n "${SMOKE:-}" ]]; then
+  RUN=(--config=configs/simla.py:tiny --config.total_steps=2)
+  SMALL=(--size tiny --scan); BASE=(--size tiny --scan --batch 8)
+  MVCOM=(--size default --batch 16 --meta_batch 8 --rows plain,mvcom)
+else
+  RUN=(--config=configs/simla.py)
+  SMALL=(--size small --scan); BASE=(--size base --scan --batch 8)
+  MVCOM=(--size default --rows plain,mvcom)
+fi
+
+note() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$SUM" >> "$LOG"; }
+
+# item NAME LIMIT_S CMD...: runs CMD with a time limit cut to the deadline, logs how it ended.
+item() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( END - $(date +%s) ))
+  if (( left < 20 )); then note "$name skipped (deadline)"; return; fi
+  (( limit > left )) && limit=$left
+  note "$name start (limit ${limit} s; load $(cut -d' ' -f1-3 /proc/loadavg))"
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  cat "$OUT/$name.txt" >> "$LOG"
+  local how=ok; (( rc == 124 || rc == 137 )) && how=timeout; (( rc != 0 && rc != 124 && rc != 137 )) && how="failed rc=$rc"
+  note "$name $how in $(( $(date +%s) - t0 )) s: $(grep -E 'first step done|lower s|compile s \(XLA|lower \+ compile|speed ratio|official s/step|^scan (True|False)' "$OUT/$name.txt" | tr -s ' ' | tr '\n' ';' | cut -c1-600)"
+}
+
+note "compile_times.sh at $(git rev-parse --short HEAD) ($(git status --porcelain | wc -l) uncommitted files), deadline $(date -u -d @"$END" +%H:%M:%S)"
+if [[ -n "${SIMLA_REF:-}" && -z "${SMOKE:-}" ]]; then
+  item pair 600 env ${CACHE_SMALL:+JAX_COMPILATION_CACHE_DIR=$CACHE_SMALL} PY="$PY" \
+    bash "${SPEED_PAIR:-../shared/reference/speed_pair.sh}"
+fi
+WARM=$(mktemp -d /tmp/compile_times_cache.XXXX)
+item first_before 180 "$PY" benchmarks/first_step.py --cold --label "default run, empty cache, before" --out "$RES" -- "${RUN[@]}" $BEFORE_FLAGS
+item first_after 180 "$PY" benchmarks/first_step.py --cache "$WARM" --label "default run, empty cache, after" --out "$RES" -- "${RUN[@]}"
+item first_warm 120 "$PY" benchmarks/first_step.py --cache "$WARM" --label "default run, warm cache, after" --out "$RES" -- "${RUN[@]}"
+item small 240 "$PY" benchmarks/bench_simla.py "${SMALL[@]}" --memory_only --label "compile_times small" --out "$RES"
+item mvcom 180 "$PY" benchmarks/bench_mvcom.py "${MVCOM[@]}" --compile_only --out "$RES"
+item base 300 "$PY" benchmarks/bench_simla.py "${BASE[@]}" --memory_only --label "compile_times base" --out "$RES"
+item first_after2 150 "$PY" benchmarks/first_step.py --cold --label "default run, empty cache, after (2)" --out "$RES" -- "${RUN[@]}"
+item first_before2 150 "$PY" benchmarks/first_step.py --cold --label "default run, empty cache, before (2)" --out "$RES" -- "${RUN[@]}" $BEFORE_FLAGS
+rm -rf "$WARM"
+note "done"
