@@ -71,7 +71,6 @@ def make_config(size: str, batch: int | None, mim_target: str = "random_projecti
     c.data.mim.update(codebook_size=8192, target="random_projection")
     c.model.codebook_size = 8192
     c.queue_size, c.data.max_len = 65536, 30
-    c.mlm_capacity.capacity = 64   # the BERT vocabulary: the capacity path saves step time
     if size == "small":
       c.batch_size = 8
       c.data.mim.update(num_masking_patches=5, min_num_patches=2)

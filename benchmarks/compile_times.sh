@@ -6,16 +6,17 @@
 #   SMOKE=1 benchmarks/compile_times.sh OUT_DIR        # the same sequence at tiny sizes
 #
 # Items, in order (each with its own time limit; none starts or runs past END_EPOCH_S):
-#   pair      ../shared/reference/speed_pair.sh (or SPEED_PAIR), when SIMLA_REF is set: the official PyTorch
-#             `small` step against ours, alternating, 2 rounds (our compile from CACHE_SMALL
-#             when given: a cache already holding the `small` step, so the rounds time steps)
-#   first_*   the default run (`python run.py --config=configs/simla.py`) from launch to its
-#             first finished step: empty compilation cache before / after the levers
-#             (BEFORE_FLAGS: run.py flags restoring the earlier settings), then a warm cache
-#   small     `small` step lowering + XLA compile, layers scanned
-#   mvcom     MvCoM default meta step (and plain step) lowering + compile
-#   base      `base` step (batch 8) lowering + XLA compile, layers scanned
-#   first_*2  a second before / after pair of the empty-cache default run, if time is left
+#   pair       ../shared/reference/speed_pair.sh (or SPEED_PAIR), when SIMLA_REF is set: the
+#              official PyTorch `small` step against ours, alternating, 2 rounds (our compile
+#              from CACHE_SMALL when given: a cache already holding the `small` step)
+#   first_*    the default run (`python run.py --config=configs/simla.py`) from launch to its
+#              first finished step: empty compilation cache, then warm, then with the
+#              candidate levers (LEVER_FLAGS: run.py flags), empty cache
+#   small_*    `small` step lowering + XLA compile, layers scanned, as is / with the
+#              candidate levers (LEVER_BENCH: bench_simla.py flags)
+#   mvcom      MvCoM default meta step (and plain step) lowering + compile
+#   base       `base` step (batch 8) lowering + XLA compile, layers scanned
+#   first_*2   a second as-is / levers pair of the empty-cache default run, if time is left
 # OUT_DIR gets results.jsonl (JSON lines, benchmarks/report.py), log.txt and summary.txt
 # (one line per item: how it ended and what it measured).
 set -uo pipefail
@@ -26,7 +27,10 @@ OUT=${1:?OUT_DIR}
 END=${2:-$(( $(date +%s) + 1020 ))}
 mkdir -p "$OUT"
 RES="$OUT/results.jsonl"; LOG="$OUT/log.txt"; SUM="$OUT/summary.txt"
-BEFORE_FLAGS=${BEFORE_FLAGS:---config.mlm_capacity.capacity=64}
+# Candidate levers, measured beside the config as it is (they change numerics or random
+# numbers, so they are not applied: benchmarks/README.md, "Compile time").
+LEVER_FLAGS=${LEVER_FLAGS:---config.mlm_capacity.capacity=0 --config.rng_impl=unsafe_rbg}
+LEVER_BENCH=${LEVER_BENCH:---override mlm_capacity.capacity=0 --override rng_impl=unsafe_rbg}
 
 if [[ -n "${SMOKE:-}" ]]; then
   RUN=(--config=configs/simla.py:tiny --config.total_steps=2)
@@ -61,13 +65,15 @@ if [[ -n "${SIMLA_REF:-}" && -z "${SMOKE:-}" ]]; then
     bash "${SPEED_PAIR:-../shared/reference/speed_pair.sh}"
 fi
 WARM=$(mktemp -d /tmp/compile_times_cache.XXXX)
-item first_before 180 "$PY" benchmarks/first_step.py --cold --label "default run, empty cache, before" --out "$RES" -- "${RUN[@]}" $BEFORE_FLAGS
-item first_after 180 "$PY" benchmarks/first_step.py --cache "$WARM" --label "default run, empty cache, after" --out "$RES" -- "${RUN[@]}"
-item first_warm 120 "$PY" benchmarks/first_step.py --cache "$WARM" --label "default run, warm cache, after" --out "$RES" -- "${RUN[@]}"
+FS=("$PY" benchmarks/first_step.py --out "$RES")
+item first_cold 180 "${FS[@]}" --cache "$WARM" --label "default run, empty cache" -- "${RUN[@]}"
+item first_warm 120 "${FS[@]}" --cache "$WARM" --label "default run, warm cache" -- "${RUN[@]}"
+item first_levers 180 "${FS[@]}" --cold --label "default run, empty cache, levers" -- "${RUN[@]}" $LEVER_FLAGS
 item small 240 "$PY" benchmarks/bench_simla.py "${SMALL[@]}" --memory_only --label "compile_times small" --out "$RES"
+item small_levers 240 "$PY" benchmarks/bench_simla.py "${SMALL[@]}" --memory_only $LEVER_BENCH --label "compile_times small levers" --out "$RES"
 item mvcom 180 "$PY" benchmarks/bench_mvcom.py "${MVCOM[@]}" --compile_only --out "$RES"
 item base 300 "$PY" benchmarks/bench_simla.py "${BASE[@]}" --memory_only --label "compile_times base" --out "$RES"
-item first_after2 150 "$PY" benchmarks/first_step.py --cold --label "default run, empty cache, after (2)" --out "$RES" -- "${RUN[@]}"
-item first_before2 150 "$PY" benchmarks/first_step.py --cold --label "default run, empty cache, before (2)" --out "$RES" -- "${RUN[@]}" $BEFORE_FLAGS
+item first_cold2 150 "${FS[@]}" --cold --label "default run, empty cache (2)" -- "${RUN[@]}"
+item first_levers2 150 "${FS[@]}" --cold --label "default run, empty cache, levers (2)" -- "${RUN[@]}" $LEVER_FLAGS
 rm -rf "$WARM"
 note "done"

@@ -125,10 +125,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.itm.random_negatives = 0.5
   # rbg keys: the dropout masks compile in far less time than threefry's (CPU).
   c.rng_impl = "rbg"
-  # MLM logits at every position: with a 61-word vocabulary the capacity path saves no step
-  # time, and its lax.cond costs compile time (XLA compiles both branches: 1090 -> 994
-  # LLVM kernels). Same loss either way (tests/simla_jax/test_simla_step_levers.py).
-  c.mlm_capacity.capacity = 0
   c.eval.splits = ("val", "test", "comp")
   # Two grain threads build the next two batches (64 examples) while XLA runs a step.
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
