@@ -62,7 +62,6 @@ def measure(run_args: list[str], cache: str, timeout_s: float,
   if wall is None:
     raise RuntimeError(f"no '{DONE}' line from {' '.join(cmd)} within {timeout_s} s:\n"
                        + "".join(lines[-30:]))
-  rows = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(x) for x in f]
   timings = next(r for r in rows if "compile/first_step_s" in r)
