@@ -8,9 +8,14 @@ def line_of(text: str, pos: int) -> int:
   return text.count("\n", 0, pos) + 1
 
 
-def raw_records(path: str, text: str, what: str) -> list[tuple[int, Any]]:
+def raw_records(path: str, text: str, what: str, error: type[Exception] = ValueError,
+                skipped: list[str] | None = None) -> list[tuple[int, Any]]:
   """(line, value) of every record of `text` (the contents of `path`): a JSON list, or
-  one JSON value per line. Errors start with `what` and name the file and line."""
+  one JSON value per line. Errors (`error`) start with `what` and name the file and line.
+
+  `skipped` given: a malformed JSON line's message is appended to it instead of raised
+  (a malformed JSON list cannot be resynchronised and always raises).
+  """
   decoder = json.JSONDecoder()
   stripped = text.lstrip()
   out = []
@@ -25,7 +30,7 @@ def raw_records(path: str, text: str, what: str) -> list[tuple[int, Any]]:
       try:
         value, end = decoder.raw_decode(text, pos)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} line {e.lineno} column {e.colno}: malformed JSON "
+        raise error(f"{what}: {path} line {e.lineno} column {e.colno}: malformed JSON "
                          f"({e.msg})") from e
       out.append((line_of(text, pos), value))
       pos = end
@@ -37,10 +42,10 @@ def raw_records(path: str, text: str, what: str) -> list[tuple[int, Any]]:
       if pos < len(text) and text[pos] == "]":
         pos += 1
         break
-      raise ValueError(f"{what}: {path} line {line_of(text, pos)}: expected ',' or ']' after "
+      raise error(f"{what}: {path} line {line_of(text, pos)}: expected ',' or ']' after "
                        f"the record starting on line {out[-1][0]}")
     if text[pos:].strip():
-      raise ValueError(f"{what}: {path} line {line_of(text, pos)}: text after the JSON list")
+      raise error(f"{what}: {path} line {line_of(text, pos)}: text after the JSON list")
     return out
   for n, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
@@ -48,5 +53,8 @@ def raw_records(path: str, text: str, what: str) -> list[tuple[int, Any]]:
     try:
       out.append((n, json.loads(line)))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{what}: {path} line {n} column {e.colno}: malformed JSON ({e.msg})") from e
+      message = f"{what}: {path} line {n} column {e.colno}: malformed JSON ({e.msg})"
+      if skipped is None:
+        raise error(message) from e
+      skipped.append(message)
   return out

@@ -27,7 +27,6 @@ articles; a compact form of the official processPunctuation / processDigitArticl
 """
 
 import collections
-import json
 import os
 import re
 from typing import Any, Mapping, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from simla_jax.data import captions as captions_lib
+from simla_jax.data import json_records
 
 VG_WEIGHT = 0.5           # official weight of a Visual Genome answer
 ON_ERROR = ("error", "skip")
@@ -53,10 +53,6 @@ class BadRecord(ValueError):
   """A record the run cannot use; the message names the file and the line."""
 
 
-def _line_of(text: str, pos: int) -> int:
-  return text.count("\n", 0, pos) + 1
-
-
 def read_json_records(path: str, on_error: str = "error") -> tuple[list[tuple[int, Any]], int]:
   """((line, value) of every record, #skipped lines): a JSON list, or JSON lines.
 
@@ -68,44 +64,9 @@ def read_json_records(path: str, on_error: str = "error") -> tuple[list[tuple[in
       text = f.read()
   except OSError as e:
     raise FileNotFoundError(f"vqa: cannot read {path}: {e}") from e
-  stripped = text.lstrip()
-  if stripped.startswith("["):
-    decoder, out = json.JSONDecoder(), []
-    pos = len(text) - len(stripped) + 1
-    def skip_space(p):
-      while p < len(text) and text[p].isspace():
-        p += 1
-      return p
-    pos = skip_space(pos)
-    if text[pos:pos + 1] == "]":
-      return out, 0
-    while True:
-      try:
-        value, end = decoder.raw_decode(text, pos)
-      except json.JSONDecodeError as e:
-        raise BadRecord(f"vqa: {path} line {e.lineno} column {e.colno}: malformed JSON "
-                        f"({e.msg})") from e
-      out.append((_line_of(text, pos), value))
-      pos = skip_space(end)
-      if text[pos:pos + 1] == ",":
-        pos = skip_space(pos + 1)
-        continue
-      if text[pos:pos + 1] == "]" and not text[pos + 1:].strip():
-        return out, 0
-      raise BadRecord(f"vqa: {path} line {_line_of(text, pos)}: expected ',' or a final ']' "
-                      f"after the record starting on line {out[-1][0]}")
-  out, skipped = [], 0
-  for n, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      out.append((n, json.loads(line)))
-    except json.JSONDecodeError as e:
-      if on_error == "skip":
-        skipped += 1
-        continue
-      raise BadRecord(f"vqa: {path} line {n} column {e.colno}: malformed JSON ({e.msg})") from e
-  return out, skipped
+  skipped = [] if on_error == "skip" else None
+  records = json_records.raw_records(path, text, "vqa", error=BadRecord, skipped=skipped)
+  return records, len(skipped or ())
 
 
 def read_answer_list(path: str) -> list[str]:
