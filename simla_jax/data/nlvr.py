@@ -15,62 +15,19 @@ an error.
   src[i]  # {"image0", "image1": uint8 HWC, "sentence", "label": 0|1, "kind": "", "index"}
 """
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from simla_jax.data import captions as captions_lib
+from simla_jax.data import json_records
 
 LABELS = {"False": 0, "True": 1, False: 0, True: 1}
 
 
 class NlvrFormatError(ValueError):
   """A record that does not follow the official format; the message names file and line."""
-
-
-def _line_of(text: str, pos: int) -> int:
-  return text.count("\n", 0, pos) + 1
-
-
-def _records(path: str, text: str, bad: list[str]) -> list[tuple[int, Any]]:
-  """(line, value) per record of a JSON list or a JSON-lines text; a malformed line of
-  the latter is appended to `bad` when it is not None, else raised."""
-  stripped = text.lstrip()
-  if stripped.startswith("["):
-    decoder, out = json.JSONDecoder(), []
-    pos = len(text) - len(stripped) + 1
-    while True:
-      while pos < len(text) and text[pos] in " \t\r\n,":
-        pos += 1
-      if pos >= len(text):
-        raise NlvrFormatError(f"nlvr: {path}: the JSON list is not closed")
-      if text[pos] == "]":
-        break
-      try:
-        value, end = decoder.raw_decode(text, pos)
-      except json.JSONDecodeError as e:
-        raise NlvrFormatError(f"nlvr: {path} line {e.lineno} column {e.colno}: malformed "
-                              f"JSON ({e.msg})") from e
-      out.append((_line_of(text, pos), value))
-      pos = end
-    if text[pos + 1:].strip():
-      raise NlvrFormatError(f"nlvr: {path} line {_line_of(text, pos + 1)}: text after the "
-                            f"JSON list")
-    return out
-  out = []
-  for n, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      out.append((n, json.loads(line)))
-    except json.JSONDecodeError as e:
-      message = f"nlvr: {path} line {n} column {e.colno}: malformed JSON ({e.msg})"
-      if bad is None:
-        raise NlvrFormatError(message) from e
-      bad.append(message)
-  return out
 
 
 def parse_record(record: Any, where: str) -> dict[str, Any]:
@@ -101,7 +58,8 @@ def read_nlvr_file(path: str, skip_bad: bool = False) -> tuple[list[dict], list[
     raise FileNotFoundError(f"nlvr: cannot read {path}: {e}") from e
   skipped: list[str] = []
   records = []
-  for line, value in _records(path, text, skipped if skip_bad else None):
+  for line, value in json_records.raw_records(path, text, "nlvr", error=NlvrFormatError,
+                                               skipped=skipped if skip_bad else None):
     try:
       r = parse_record(value, f"nlvr: {path} line {line}")
     except NlvrFormatError as e:
