@@ -30,7 +30,6 @@ import collections
 import os
 from typing import Any, Mapping, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,6 +43,7 @@ from simla_jax.data import pipeline
 from simla_jax.data import refcoco
 from simla_jax.data.tokenizer import Tokenizer, pre_caption
 from simla_jax.models import SIMLA
+from simla_jax.tasks import finetune
 from simla_jax.tasks import retrieval as rt
 from train_jax import metrics as metrics_lib
 from train_jax import optimizers
@@ -142,20 +142,14 @@ class Evaluator:
     image, _ = self.image_tf(ex["image"], None)
     return {"model_image": image, "text_ids": ids, "text_mask": mask, "index": np.int32(k)}
 
-  def batches(self, name: str):
-    ds = grain.MapDataset.source(self.sources[name]).map_with_index(self._prepare)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
-                                              prefetch_buffer_size=2 * self.batch_size))
-    return iter(ds.batch(self.batch_size, drop_remainder=False))
-
   def maps(self, params, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
     """(record index, {mode: every layer's Grad-CAM map (layers, g, g)}) of source `name`."""
     out = []
-    for b in self.batches(name):
-      n = len(b["index"])
-      pad = lambda x: np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
-      args = (pad(b["model_image"]), pad(b["text_ids"]), pad(b["text_mask"]))
-      per_mode = {mode: np.asarray(fn(params, *args))[:, :n] for mode, fn in self._maps.items()}
+    inputs = ("model_image", "text_ids", "text_mask")
+    for b in finetune.batches(self.sources[name], self._prepare, self.batch_size, self.threads):
+      x, n = finetune.padded(b, self.batch_size, inputs)
+      per_mode = {mode: np.asarray(fn(params, *(x[k] for k in inputs)))[:, :n]
+                  for mode, fn in self._maps.items()}
       out += [(k, {mode: m[:, j] for mode, m in per_mode.items()})
               for j, k in enumerate(b["index"].tolist())]
     return out
@@ -235,15 +229,12 @@ def make_task(config, mesh) -> Task:
   train_data = pipeline.make_train_iterator(
       train_data_config(config), batch_size=config.batch_size // jax.process_count(),
       tokenizer=tokenizer, source=train_source(config))
-  splits = tuple(config.eval.splits)
-  final = tuple(s for s in config.eval.final_splits if s not in splits)
+  splits, final = finetune.schedule(config)
   evaluator = Evaluator(config, model, tokenizer, {s: eval_source(config, s)
                                                    for s in splits + final})
 
   def evaluate(state):
-    # Selection reads `eval.splits` only; the final splits are scored once, at the end.
-    at_end = int(jax.device_get(state.step)) >= int(config.total_steps)
-    return evaluator(state.params, splits + final if at_end else splits)
+    return evaluator(state.params, finetune.splits_at(config, jax.device_get(state.step)))
 
   def finish(state, workdir):
     count = int(config.grounding.heatmaps)

@@ -51,6 +51,7 @@ from simla_jax.data.tokenizer import Tokenizer, pre_caption
 from simla_jax.models import SIMLA, ema_update, init_params
 from simla_jax.models import layers
 from simla_jax.models import nlvr_encoder
+from simla_jax.tasks import finetune
 from simla_jax.tasks import retrieval as rt
 from simla_jax.tasks import ve
 from train_jax import optimizers
@@ -279,11 +280,6 @@ def make_train_iterator(config, tokenizer: Tokenizer) -> grain.DatasetIterator:
 
 
 # --------------------------------------------------------------------------- evaluation
-def _padded(batch: Mapping[str, np.ndarray], size: int) -> tuple[dict, int]:
-  n = len(batch["text_ids"])
-  return {k: np.concatenate([v, np.repeat(v[-1:], size - n, 0)]) for k, v in batch.items()}, n
-
-
 class Evaluator:
   """Fine-tuning: accuracy (%) per split (and kind); text assignment: accuracy of the
   3-way assignment over fixed draws on the split's image-caption batches."""
@@ -322,20 +318,16 @@ class Evaluator:
                           i1).argmax(-1), batch["label"]
     self._predict = predict
 
-  def batches(self, split: str):
-    ds = grain.MapDataset.source(self.sources[split]).map_with_index(self.transform)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
-                                              prefetch_buffer_size=2 * self.batch_size))
-    return iter(ds.batch(self.batch_size, drop_remainder=False))
-
   def __call__(self, params, extras, splits: Sequence[str]) -> dict[str, float]:
     out = {}
     for split in splits:
       preds, labels, kinds = [], [], []
-      for k, b in enumerate(self.batches(split)):
-        keep = {n: v for n, v in b.items() if n in ("image", "image0", "image1", "text_ids",
-                                                    "text_mask", "label")}
-        padded, n = _padded(keep, self.batch_size)
+      split_batches = finetune.batches(self.sources[split], self.transform, self.batch_size,
+                                       self.threads)
+      for k, b in enumerate(split_batches):
+        inputs = [n for n in ("text_ids", "text_mask", "image", "image0", "image1", "label")
+                  if n in b]
+        padded, n = finetune.padded(b, self.batch_size, inputs)
         if self.family == "simla_nlvr_pretrain" and n < self.batch_size:
           break   # negatives come from the batch: only whole batches
         p, label = self._predict(params, extras, padded, jax.random.key(k))
@@ -451,14 +443,10 @@ def make_init(config, loaded: Loaded, tx):
 def check_config(config) -> None:
   if config.family not in NUM_CLASSES:
     raise ValueError(f"nlvr: family {config.family!r} is not one of {sorted(NUM_CLASSES)}")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} must divide over "
-                     f"{jax.process_count()} processes")
+  finetune.check_config(config)
   if config.family == "simla_nlvr_pretrain" and config.batch_size // jax.process_count() < 3:
     raise ValueError("text assignment draws two negatives from the batch: batch_size >= 3 "
                      "per process")
-  if not 0.0 <= float(config.get("alpha", 0.0)) <= 1.0:
-    raise ValueError(f"alpha {config.alpha} must be in [0, 1]")
 
 
 def make_task(config, mesh) -> Task:
@@ -466,8 +454,7 @@ def make_task(config, mesh) -> Task:
   check_config(config)
   loaded = load(config)
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
-  splits = tuple(config.eval.splits)
-  final = tuple(s for s in config.eval.final_splits if s not in splits)
+  splits, final = finetune.schedule(config)
   if config.family == "simla_nlvr_pretrain":
     sources = {s: pipeline.make_source(config.data, s) for s in splits + final}
     majority = 2
@@ -478,9 +465,8 @@ def make_task(config, mesh) -> Task:
   evaluator = Evaluator(config, loaded, sources, majority)
 
   def evaluate(state):
-    # Model selection reads `eval.splits` only; the final splits are scored once, at the end.
-    at_end = int(jax.device_get(state.step)) >= int(config.total_steps)
-    return evaluator(state.params, state.extras, splits + final if at_end else splits)
+    return evaluator(state.params, state.extras,
+                     finetune.splits_at(config, jax.device_get(state.step)))
 
   return Task(init=make_init(config, loaded, tx),
               train_step=make_train_step(config, loaded, tx, schedule),

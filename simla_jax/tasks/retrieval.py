@@ -47,6 +47,7 @@ from simla_jax.data import pipeline
 from simla_jax.data import retrieval_pairs
 from simla_jax.models import SIMLA, ema_update, init_params, init_queues
 from simla_jax.models import vit as vit_lib
+from simla_jax.tasks import finetune
 from train_jax import metrics as metrics_lib
 from train_jax import optimizers
 from train_jax.state import TrainState
@@ -420,14 +421,11 @@ def make_task(config, mesh) -> Task:
   train_data = pipeline.make_train_iterator(
       config.data, batch_size=config.batch_size // jax.process_count(), tokenizer=tokenizer,
       source=train_source(config))
-  splits = tuple(config.eval.splits)
-  final = tuple(s for s in config.eval.final_splits if s not in splits)
+  splits, final = finetune.schedule(config)
   evaluator = make_evaluator(config, model, tokenizer, splits + final)
 
   def evaluate(state):
-    # Tuning reads `eval.splits` only; the final splits are scored once, at the end.
-    at_end = int(jax.device_get(state.step)) >= int(config.total_steps)
-    return evaluator(state.params, splits + final if at_end else splits)
+    return evaluator(state.params, finetune.splits_at(config, jax.device_get(state.step)))
 
   return Task(init=make_init(config, model, tx, pretrained),
               train_step=make_train_step(config, model, tx, schedule,

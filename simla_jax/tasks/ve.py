@@ -27,6 +27,7 @@ the accuracy of always answering the training set's majority class.
 """
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -42,6 +43,7 @@ from simla_jax.data import pipeline
 from simla_jax.data.tokenizer import Tokenizer, pre_caption
 from simla_jax.models import SIMLA, ema_update, init_params
 from simla_jax.models import layers
+from simla_jax.tasks import finetune
 from simla_jax.tasks import retrieval as rt
 from train_jax import optimizers
 from train_jax.state import TrainState
@@ -215,20 +217,14 @@ class Evaluator:
       return classify(loaded.model, loaded.head, params, images, ids, mask).argmax(-1)
     self._predict = predict
 
-  def batches(self, split: str):
-    ds = grain.MapDataset.source(self.sources[split]).map_with_index(self.transform)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
-                                              prefetch_buffer_size=2 * self.batch_size))
-    return iter(ds.batch(self.batch_size, drop_remainder=False))
-
   def predictions(self, params, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted, label, kind) int arrays over the split, in source order."""
     preds, labels, kinds = [], [], []
-    for b in self.batches(split):
-      n = len(b["label"])
-      pad = lambda x: np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
-      p = self._predict(params, pad(b["image"]), pad(b["text_ids"]), pad(b["text_mask"]))
-      preds.append(np.asarray(p)[:n])
+    split_batches = finetune.batches(self.sources[split], self.transform, self.batch_size,
+                                     self.threads)
+    for b, p in finetune.predict(functools.partial(self._predict, params), split_batches,
+                                 self.batch_size, ("image", "text_ids", "text_mask")):
+      preds.append(p)
       labels.append(b["label"])
       kinds.append(b["kind"])
     return np.concatenate(preds), np.concatenate(labels), np.concatenate(kinds)
@@ -315,11 +311,7 @@ def make_init(config, loaded: Loaded, tx):
 
 
 def check_config(config) -> None:
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} must divide over "
-                     f"{jax.process_count()} processes")
-  if not 0.0 <= float(config.alpha) <= 1.0:
-    raise ValueError(f"alpha {config.alpha} must be in [0, 1]")
+  finetune.check_config(config)
   if int(config.alpha_warmup_steps) < -1:
     raise ValueError(f"alpha_warmup_steps {config.alpha_warmup_steps}: -1 (one epoch) or >= 0")
 
@@ -331,15 +323,12 @@ def make_task(config, mesh) -> Task:
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
   train_source = make_source(config, "train")
   majority = int(np.bincount(train_source.labels, minlength=NUM_CLASSES).argmax())
-  splits = tuple(config.eval.splits)
-  final = tuple(s for s in config.eval.final_splits if s not in splits)
+  splits, final = finetune.schedule(config)
   evaluator = Evaluator(config, loaded, {s: make_source(config, s) for s in splits + final},
                         majority)
 
   def evaluate(state):
-    # Model selection reads `eval.splits` only; the final splits are scored once, at the end.
-    at_end = int(jax.device_get(state.step)) >= int(config.total_steps)
-    return evaluator(state.params, splits + final if at_end else splits)
+    return evaluator(state.params, finetune.splits_at(config, jax.device_get(state.step)))
 
   return Task(init=make_init(config, loaded, tx),
               train_step=make_train_step(config, loaded, tx, schedule,

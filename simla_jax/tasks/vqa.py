@@ -31,6 +31,7 @@ result JSON `[{"question_id", "answer"}]` of `eval.result_splits` in the workdir
 """
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -50,6 +51,7 @@ from simla_jax.data import vqa as vqa_data
 from simla_jax.data import vqa_shapes
 from simla_jax.data.tokenizer import Tokenizer
 from simla_jax.models import SIMLA, answer_decoder, ema_update, init_params
+from simla_jax.tasks import finetune
 from simla_jax.tasks import retrieval as rt
 from simla_jax.tasks import ve
 from train_jax import optimizers
@@ -373,21 +375,14 @@ class Evaluator:
                           twice)[0]
     self._predict = predict
 
-  def batches(self, split: str):
-    ds = grain.MapDataset.source(self.sources[split]).map_with_index(self.transform)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
-                                              prefetch_buffer_size=2 * self.batch_size))
-    return iter(ds.batch(self.batch_size, drop_remainder=False))
-
   def answers(self, params, split: str) -> list[dict[str, Any]]:
     """[{question_id, answer, gt, kind}] over the split, in source order."""
     out = []
-    for b in self.batches(split):
-      n = len(b["question_id"])
-      pad = lambda x: np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
-      pred = np.asarray(self._predict(params, pad(b["image"]), pad(b["question_ids"]),
-                                      pad(b["question_mask"])))[:n]
-      for i in range(n):
+    split_batches = finetune.batches(self.sources[split], self.transform, self.batch_size,
+                                     self.threads)
+    for b, pred in finetune.predict(functools.partial(self._predict, params), split_batches,
+                                    self.batch_size, ("image", "question_ids", "question_mask")):
+      for i in range(len(pred)):
         gt = [g for g in b["gt"][i] if g] if b["has_gt"][i] else []
         kind = vqa_shapes.KINDS[b["kind"][i]] if b["kind"][i] >= 0 else ""
         out.append({"question_id": int(b["question_id"][i]),
@@ -487,11 +482,7 @@ def make_init(config, loaded: Loaded, tx):
 
 
 def check_config(config) -> None:
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} must divide over "
-                     f"{jax.process_count()} processes")
-  if not 0.0 <= float(config.alpha) <= 1.0:
-    raise ValueError(f"alpha {config.alpha} must be in [0, 1]")
+  finetune.check_config(config)
   if int(config.k_test) < 1:
     raise ValueError(f"k_test {config.k_test} must be >= 1")
 
@@ -504,18 +495,15 @@ def make_task(config, mesh) -> Task:
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.total_steps)
   train_source = make_source(config, "train", answer_list)
   majority = train_majority(train_source, int(config.majority_questions))
-  splits = tuple(config.eval.splits)
-  final = tuple(s for s in config.eval.final_splits if s not in splits)
+  splits, final = finetune.schedule(config)
   result_splits = tuple(config.eval.result_splits)
   sources = {s: make_source(config, s, answer_list)
              for s in dict.fromkeys(splits + final + result_splits)}
   evaluator = Evaluator(config, loaded, sources, majority)
 
   def evaluate(state):
-    # Model selection reads `eval.splits` only; the final splits are scored once, at the end.
     step = int(jax.device_get(state.step))
-    return evaluator(state.params, splits + final if step >= int(config.total_steps) else splits,
-                     step)
+    return evaluator(state.params, finetune.splits_at(config, step), step)
 
   def finish(state, workdir):
     step = int(jax.device_get(state.step))
