@@ -19,6 +19,7 @@ and recipe: 384 px, lr 1e-5, 5 epochs, batch 32).
 
 import ml_collections
 
+from configs import finetune
 from configs import simla_retrieval
 
 REFCOCO_TRAIN_PAIRS = 120_624   # expressions of the official refcoco+_train.json
@@ -53,33 +54,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       check_images=True,              # look for every image file before training
   ))
   c.train_images = 0                  # shapes world: train images (one expression per object)
-  c.eval = ml_collections.ConfigDict(dict(
-      splits=("val",),                # read during training (model selection)
-      final_splits=("test",),         # scored once, after the last step
-      batch_size=64,
-  ))
+  c.eval = finetune.eval_splits(batch_size=64)
 
   if variant == "refcoco":
-    c.data.name = "refcoco"
-    c.data.image_size = 384
-    c.model.image_size = 384          # pretraining positions are interpolated to 24x24
-    c.data.tokenizer.vocab_file = ""  # set: bert-base-uncased vocab.txt
-    c.data.aug.crop_scale = (0.5, 1.0)
-    c.data.aug.flip_swap = ()         # the official transform flips without touching text
+    finetune.official_input(c, "refcoco")
     c.data.aug.translate_const = 10.0
     c.data.loader.worker_count = 8
-    c.init.checkpoint = ""            # required: an official .pth or a workdir
     c.batch_size = 64                 # Grounding.yaml 32 per GPU; README: 2 GPUs
     c.queue_size = 65536
     c.eval.batch_size = 32
     c.grounding.all_layers = False    # 12 + 12 upsampled maps per expression: slow
-    steps_per_epoch = REFCOCO_TRAIN_PAIRS // c.batch_size
-    c.total_steps = 5 * steps_per_epoch
-    c.alpha_warmup_steps = steps_per_epoch
+    finetune.epochs(c, REFCOCO_TRAIN_PAIRS, 5)
     c.optimizer.lr = 1e-5
     c.optimizer.schedule.end_lr = 1e-6
-    c.log_every_steps = 100
-    c.eval_every_steps = steps_per_epoch
     c.checkpoint_every_steps = 2000
     return c
 
@@ -98,14 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # swapped, no RandAugment (its colour ops could change a colour word).
   c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
   c.train_images = 2000               # ~5,000 expressions: an epoch = 156 steps
-  c.batch_size = 32
+  finetune.shapes_run(c, total_steps=300, eval_every_steps=150, lr=3e-4, warmup_steps=0)
   c.queue_size = 256
-  c.total_steps = 300
   c.alpha_warmup_steps = 156
-  c.optimizer.lr = 3e-4
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.schedule.end_lr = 1e-5
-  c.log_every_steps = 25
-  c.eval_every_steps = 150
-  c.checkpoint_every_steps = 300
   return c

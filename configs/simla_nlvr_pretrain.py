@@ -17,9 +17,7 @@ Variants: default (shapes-world captions, CPU-sized), official (the 4M pretraini
 
 import ml_collections
 
-from configs import common
-from configs import simla_model
-from simla_jax.data import default_data_config
+from configs import finetune
 
 PRETRAIN_4M_PAIRS = 5_100_000   # official 4M set (image-caption pairs, approximate)
 
@@ -29,43 +27,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("default", "official"):
     raise ValueError(f"configs/simla_nlvr_pretrain.py: unknown variant {variant!r} "
                      f"(default | official)")
-  c = common.base()
-  c.family = "simla_nlvr_pretrain"
-  c.seed = 0
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint="runs/simla",        # workdir of `python run.py --config=configs/simla.py`
-  ))
+  # init.checkpoint: the workdir of `python run.py --config=configs/simla.py`.
+  c = finetune.base("simla_nlvr_pretrain", checkpoint="runs/simla")
   c.nlvr = ml_collections.ConfigDict(dict(
       # First duplicated pretrained layer; -1 = layers // 2 (the official 6 of 12; 1 of
       # the CPU model's 3: NLVR layers (0, 1, 1, 2, 2) of the pretrained stack).
       duplicate_from=-1,
   ))
-  c.data = default_data_config()
   c.data.mim.num_masking_patches = 0  # the caption pipeline's MIM mask is not read
-  # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
-  c.model = simla_model.model_config("base")
   c.text_only = False
   c.eval = ml_collections.ConfigDict(dict(
       splits=("val",),                # text-assignment accuracy on fixed draws
       final_splits=(),
       batch_size=32,                  # negatives come from the batch: the training size
   ))
-  c.optimizer.name = "adamw"
-  c.optimizer.weight_decay = 0.02
-  c.optimizer.no_decay = (r".*bias$", r".*scale$")
-  c.optimizer.schedule.name = "cosine"
 
   if variant == "official":
-    c.data.name = "captions"
-    c.data.image_size = 256
-    c.model.image_size = 256
+    finetune.official_input(c, "captions", image_size=256)
     c.data.max_len = 25               # tokenizer(..., max_length=25)
-    c.data.tokenizer.vocab_file = ""  # set: bert-base-uncased vocab.txt
-    c.data.aug.crop_scale = (0.5, 1.0)
-    c.data.aug.flip_swap = ()
     c.data.aug.translate_const = 10.0
     c.data.loader.update(worker_count=8, num_threads=8, prefetch_buffer_size=256)
-    c.init.checkpoint = ""            # required: an official .pth or a workdir
     c.batch_size = 256                # NLVR_pretrain.yaml: 32 per GPU, 8 GPUs
     c.total_steps = PRETRAIN_4M_PAIRS // c.batch_size   # 1 epoch
     c.eval.splits = ()
@@ -81,12 +62,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_len = 24
   c.data.shapes.update(val_size=128, test_size=128)
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
-  c.batch_size = 32
-  c.total_steps = 300
-  c.optimizer.lr = 3e-4
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.schedule.update(warmup_steps=20, end_lr=1e-5)
-  c.log_every_steps = 25
-  c.eval_every_steps = 300
-  c.checkpoint_every_steps = 300
+  finetune.shapes_run(c, total_steps=300, eval_every_steps=300, lr=3e-4, warmup_steps=20)
   return c

@@ -19,9 +19,7 @@ an official .pth (the model is `config.model`).
 
 import ml_collections
 
-from configs import common
-from configs import simla_model
-from simla_jax.data import default_data_config
+from configs import finetune
 
 # Records (one caption each) of the official retrieval train JSONs, for epoch lengths.
 TRAIN_PAIRS = {"coco": 566_747, "flickr": 145_000}
@@ -32,18 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in ("default", "coco", "flickr", "eval"):
     raise ValueError(f"configs/simla_retrieval.py: unknown variant {variant!r} "
                      f"(default | coco | flickr | eval)")
-  c = common.base()
-  c.family = "simla_retrieval"
-  c.seed = 0
+  # init.checkpoint: the workdir of `python run.py --config=configs/simla.py`.
+  c = finetune.base("simla_retrieval", checkpoint="runs/simla")
   c.eval_only = False                 # True: score init.checkpoint on eval.final_splits only
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint="runs/simla",        # workdir of `python run.py --config=configs/simla.py`
-  ))
-  c.data = default_data_config()
   c.data.max_len = 30                 # official retrieval text length
   c.data.mim.num_masking_patches = 0  # fine-tuning reads no MIM mask
-  # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
-  c.model = simla_model.model_config("base")
   c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0))
   c.alpha = 0.4                       # momentum-distillation weight
   c.alpha_warmup_steps = 0            # ramp 0 -> alpha over the first epoch (`warm_up: True`)
@@ -54,43 +45,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compat = ml_collections.ConfigDict(dict(
       idx_queue_frozen=False))        # True: the official code's never-updated id queue
   c.finetune_images = 0               # shapes world: train images used (x captions_per_image)
-  c.eval = ml_collections.ConfigDict(dict(
-      splits=("val",),                # read during training (model selection)
-      final_splits=("test",),         # scored once, after the last step
+  c.eval = finetune.eval_splits(
+      batch_size=128, k_test=128,
       minimal_pairs=(),               # shapes splits also scored as 2-way caption choices
-      k_test=128, batch_size=128,
-      files=ml_collections.ConfigDict(dict(val="", test="")),   # ALBEF eval JSON per split
-  ))
-
-  c.optimizer.name = "adamw"
-  c.optimizer.weight_decay = 0.02
-  c.optimizer.no_decay = (r".*bias$", r".*scale$")
-  c.optimizer.schedule.name = "cosine"
+      files=ml_collections.ConfigDict(dict(val="", test="")))   # ALBEF eval JSON per split
 
   if variant in ("coco", "flickr", "eval"):
-    c.data.name = "captions"
-    c.data.image_size = 384
-    c.model.image_size = 384          # pretraining positions are interpolated to 24x24
-    c.data.tokenizer.vocab_file = ""  # set: bert-base-uncased vocab.txt
-    c.data.aug.crop_scale = (0.5, 1.0)
-    c.data.aug.flip_swap = ()         # the official transform flips without touching text
+    finetune.official_input(c, "captions")
     c.data.aug.translate_const = 10.0
     c.data.loader.worker_count = 8
-    c.init.checkpoint = ""            # required: an official .pth or a workdir
     c.batch_size = 64                 # 32 per GPU x 2 GPUs (README commands)
     c.eval.k_test = 256 if variant == "coco" else 128
     c.eval.batch_size = 64
     if variant == "eval":
       c.eval_only = True
       return c
-    epochs = 5 if variant == "coco" else 10
-    steps_per_epoch = TRAIN_PAIRS[variant] // c.batch_size
-    c.total_steps = epochs * steps_per_epoch
-    c.alpha_warmup_steps = steps_per_epoch
+    finetune.epochs(c, TRAIN_PAIRS[variant], 5 if variant == "coco" else 10)
     c.optimizer.lr = 1e-5
     c.optimizer.schedule.end_lr = 1e-6   # warmup_lr == lr: no warmup
-    c.log_every_steps = 100
-    c.eval_every_steps = steps_per_epoch
     c.checkpoint_every_steps = 2000
     return c
 
@@ -99,17 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.shapes.update(val_size=200, test_size=200, comp_size=200, strict_size=200)
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
   c.finetune_images = 2000            # 10,000 (image, caption) pairs: an epoch = 312 steps
-  c.batch_size = 32
+  # lr chosen on val (seed 0, r_mean after 300 steps): 3e-4 58.2, 1e-4 54.4, 3e-5 53.1.
+  finetune.shapes_run(c, total_steps=300, eval_every_steps=100, lr=3e-4, warmup_steps=0)
   c.queue_size = 256
-  c.total_steps = 300
   c.alpha_warmup_steps = 300
-  # Chosen on val (seed 0, r_mean after 300 steps): 3e-4 58.2, 1e-4 54.4, 3e-5 53.1.
-  c.optimizer.lr = 3e-4
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.schedule.end_lr = 1e-5
-  c.log_every_steps = 25
-  c.eval_every_steps = 100
-  c.checkpoint_every_steps = 300
   c.eval.update(k_test=16, batch_size=128, final_splits=("test", "comp", "strict"),
                 minimal_pairs=("test", "comp", "strict"))
   return c

@@ -16,9 +16,7 @@ model) or an official .pth (the model is `config.model`).
 
 import ml_collections
 
-from configs import common
-from configs import simla_model
-from simla_jax.data import default_data_config
+from configs import finetune
 
 SNLI_VE_TRAIN_PAIRS = 529_527   # records of the official ve_train.json
 
@@ -27,56 +25,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in ("default", "snli_ve"):
     raise ValueError(f"configs/simla_ve.py: unknown variant {variant!r} (default | snli_ve)")
-  c = common.base()
-  c.family = "simla_ve"
-  c.seed = 0
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint="runs/simla",        # workdir of `python run.py --config=configs/simla.py`
-  ))
-  c.data = default_data_config()
+  # init.checkpoint: the workdir of `python run.py --config=configs/simla.py`.
+  c = finetune.base("simla_ve", checkpoint="runs/simla")
   c.data.mim.num_masking_patches = 0  # fine-tuning reads no MIM mask
   c.data.ve = ml_collections.ConfigDict(dict(
       files=ml_collections.ConfigDict(dict(train="", val="", test="")),  # official VE JSON
       image_root="",                  # <image_root>/<flickr id>.jpg
       check_images=True,              # look for every image before training
   ))
-  # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
-  c.model = simla_model.model_config("base")
   c.distill = True                    # momentum distillation (official `distill: True`)
   c.alpha = 0.4
   c.alpha_warmup_steps = 0            # linear ramp 0 -> alpha over these steps; -1: one epoch
   c.text_only = False                 # True: images zeroed (the text-only baseline)
   c.train_images = 0                  # shapes world: train images (3 hypotheses each)
-  c.eval = ml_collections.ConfigDict(dict(
-      splits=("val",),                # read during training (model selection)
-      final_splits=("test",),         # scored once, after the last step
-      batch_size=128,
-  ))
-  c.optimizer.name = "adamw"
-  c.optimizer.weight_decay = 0.02
-  c.optimizer.no_decay = (r".*bias$", r".*scale$")
-  c.optimizer.schedule.name = "cosine"
+  c.eval = finetune.eval_splits(batch_size=128)
 
   if variant == "snli_ve":
-    c.data.name = "snli_ve"
-    c.data.image_size = 384
-    c.model.image_size = 384          # pretraining positions are interpolated to 24x24
+    finetune.official_input(c, "snli_ve")
     c.data.max_len = 40               # official: longest in batch, pre_caption's 30 words
-    c.data.tokenizer.vocab_file = ""  # set: bert-base-uncased vocab.txt
-    c.data.aug.crop_scale = (0.5, 1.0)
-    c.data.aug.flip_swap = ()         # the official transform flips without touching text
     c.data.aug.translate_const = 10.0
     c.data.loader.update(worker_count=8, num_threads=8, prefetch_buffer_size=256)
-    c.init.checkpoint = ""            # required: an official .pth or a workdir
     c.batch_size = 256                # VE.yaml: 32 per GPU, 8 GPUs
     c.eval.batch_size = 64
-    steps_per_epoch = SNLI_VE_TRAIN_PAIRS // c.batch_size
-    c.total_steps = 5 * steps_per_epoch
-    c.alpha_warmup_steps = steps_per_epoch
+    finetune.epochs(c, SNLI_VE_TRAIN_PAIRS, 5)
     c.optimizer.lr = 2e-5
     c.optimizer.schedule.update(warmup_steps=100, warmup_init_lr=1e-5, end_lr=1e-6)
-    c.log_every_steps = 100
-    c.eval_every_steps = steps_per_epoch
     c.checkpoint_every_steps = 1000
     return c
 
@@ -92,14 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # val-selected on the default pretraining (README "Visual entailment"): the image-dependent
   # kinds appear only after ~750 steps (object) and ~1,000 (count), so 300 steps on 2,000
   # images only ever learned the text prior.
+  # 1,500 steps = 1.6 epochs (was 300 on 2,000 images); lr val: 1e-4 76.8 %, 3e-4 collapses
+  # to the text prior (66.7).
   c.train_images = 10_000             # 30,000 hypotheses: an epoch = 937 steps
-  c.batch_size = 32
-  c.total_steps = 1500                # 1.6 epochs (was 300 on 2,000 images)
+  finetune.shapes_run(c, total_steps=1500, eval_every_steps=250, lr=1e-4, warmup_steps=50)
   c.alpha_warmup_steps = -1           # one epoch, as the official ramp
-  c.optimizer.lr = 1e-4               # val: 1e-4 76.8 %, 3e-4 collapses to the text prior (66.7)
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.schedule.update(warmup_steps=50, end_lr=1e-5)
-  c.log_every_steps = 25
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 1500
   return c

@@ -18,9 +18,7 @@ model) or an official .pth (the model is `config.model`).
 
 import ml_collections
 
-from configs import common
-from configs import simla_model
-from simla_jax.data import default_data_config
+from configs import finetune
 
 VQA_TRAIN_QUESTIONS = 1_268_000   # vqa_train + vqa_val + vg_qa records, approximately
 
@@ -29,13 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in ("default", "vqa"):
     raise ValueError(f"configs/simla_vqa.py: unknown variant {variant!r} (default | vqa)")
-  c = common.base()
-  c.family = "simla_vqa"
-  c.seed = 0
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint="runs/simla",        # workdir of `python run.py --config=configs/simla.py`
-  ))
-  c.data = default_data_config()
+  # init.checkpoint: the workdir of `python run.py --config=configs/simla.py`.
+  c = finetune.base("simla_vqa", checkpoint="runs/simla")
   c.data.mim.num_masking_patches = 0  # fine-tuning reads no MIM mask
   c.data.answer_max_len = 6           # [CLS] answer [SEP] tokens, padded
   c.data.max_answers = 1              # distinct training answers per question (weights)
@@ -50,8 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       on_error="error",               # error | skip (bad JSON lines / records / images)
       outside_list="error",           # training answer not in the list: error | skip | keep
   ))
-  # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
-  c.model = simla_model.model_config("base")
   # Decoder layers i = encoder layers first_layer + i (official: 6 from layers 6-11).
   c.decoder = ml_collections.ConfigDict(dict(layers=6, first_layer=6))
   c.distill = True                    # momentum distillation (official `distill: True`)
@@ -66,41 +57,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.question_only = False             # True: images zeroed (the question-only baseline)
   c.train_images = 0                  # shapes world: train images (5 questions each)
   c.majority_questions = 0            # shapes: train questions counted for the majority (0 all)
-  c.eval = ml_collections.ConfigDict(dict(
-      splits=("val",),                # read during training (model selection)
-      final_splits=("test",),         # scored once, after the last step
-      result_splits=("test",),        # written as vqa_result_<split>.json at the end
-      batch_size=128,
-  ))
-  c.optimizer.name = "adamw"
-  c.optimizer.weight_decay = 0.02
-  c.optimizer.no_decay = (r".*bias$", r".*scale$")
-  c.optimizer.schedule.name = "cosine"
+  c.eval = finetune.eval_splits(
+      batch_size=128, result_splits=("test",))   # written as vqa_result_<split>.json
 
   if variant == "vqa":
-    c.data.name = "vqa"
-    c.data.image_size = 384
-    c.model.image_size = 384          # pretraining positions are interpolated to 24x24
+    finetune.official_input(c, "vqa")
     c.data.max_len = 35               # official: questions cut to 25 tokens in training
     c.data.answer_max_len = 10
     c.data.max_answers = 10           # VQA: up to 10 distinct human answers
-    c.data.tokenizer.vocab_file = ""  # set: bert-base-uncased vocab.txt
     c.data.vqa.outside_list = "keep"  # the official code trains on every human answer
-    c.data.aug.crop_scale = (0.5, 1.0)
-    c.data.aug.flip_swap = ()         # the official transform flips without touching text
     c.data.loader.update(worker_count=8, num_threads=8, prefetch_buffer_size=256)
-    c.init.checkpoint = ""            # required: an official .pth or a workdir
     c.eval.splits = ()                # official: no validation during training
     c.eval.final_splits = ()
     c.batch_size = 256                # VQA.yaml: 32 per GPU, 8 GPUs
     c.eval.batch_size = 64
-    steps_per_epoch = VQA_TRAIN_QUESTIONS // c.batch_size
-    c.total_steps = 8 * steps_per_epoch
-    c.alpha_warmup_steps = steps_per_epoch
+    finetune.epochs(c, VQA_TRAIN_QUESTIONS, 8)
     c.optimizer.lr = 2e-5
     c.optimizer.schedule.update(warmup_steps=400, warmup_init_lr=1e-5, end_lr=1e-6)  # 4 x 100 its
-    c.log_every_steps = 100
-    c.eval_every_steps = steps_per_epoch
     c.checkpoint_every_steps = 1000
     return c
 
@@ -116,13 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
   c.train_images = 2000               # 10,000 questions: an epoch = 312 steps
-  c.batch_size = 32
-  c.total_steps = 300
+  # lr val-selected over {1e-4, 3e-4} (README).
+  finetune.shapes_run(c, total_steps=300, eval_every_steps=100, lr=1e-4, warmup_steps=20)
   c.alpha_warmup_steps = 312
-  c.optimizer.lr = 1e-4               # val-selected over {1e-4, 3e-4} (README)
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.schedule.update(warmup_steps=20, end_lr=1e-5)
-  c.log_every_steps = 25
-  c.eval_every_steps = 100
-  c.checkpoint_every_steps = 300
   return c
