@@ -1,19 +1,15 @@
 """Grounding task: baselines on hand boxes, config errors, run.py end to end."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import run_py
 import tiny_checkpoint
 from configs import simla_grounding
 from simla_jax.tasks import grounding
 from train_jax import metrics as metrics_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 
 def test_box_baselines_on_hand_boxes():
   proposals = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 6], [40, 0, 5, 5]], float)
@@ -32,16 +28,9 @@ def test_config_variants_and_unknown_mode():
     simla_grounding.get_config("flickr")
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  tiny_checkpoint.write_tiny_pretraining(workdir)
-  return workdir
-
-
 def test_eval_only_scores_the_checkpoint_as_it_is(pretrained, tmp_path):
   c = simla_grounding.get_config()
-  c.init.checkpoint = pretrained
+  c.init.checkpoint = pretrained[0]
   c.data.image_size, c.data.max_len = 32, 16
   c.data.shapes.update(val_size=2, test_size=2)
   c.grounding.update(layer=-1, heatmaps=1)
@@ -58,16 +47,14 @@ def test_eval_only_scores_the_checkpoint_as_it_is(pretrained, tmp_path):
 @pytest.mark.slow
 def test_run_py_fine_tunes_and_writes_grounding_accuracy(pretrained, tmp_path):
   out = tmp_path / "grounding"
-  cmd = [sys.executable, "run.py", "--config=configs/simla_grounding.py",
-         f"--config.init.checkpoint={pretrained}", "--config.data.image_size=32",
-         "--config.data.max_len=16", "--config.grounding.layer=-1", "--config.grounding.heatmaps=2",
-         "--config.data.shapes.val_size=3", "--config.data.shapes.test_size=3",
-         "--config.train_images=8", "--config.batch_size=16", "--config.queue_size=32",
-         "--config.eval.batch_size=8", "--config.total_steps=2", "--config.eval_every_steps=1",
-         "--config.log_every_steps=1", "--config.progress_bar=False", f"--workdir={out}"]
-  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  evals = [r for r in metrics_lib.read_metrics(str(out)) if "eval/val_acc" in r]
+  rows, _ = run_py.run([
+      "--config=configs/simla_grounding.py", f"--config.init.checkpoint={pretrained[0]}",
+      "--config.data.image_size=32", "--config.data.max_len=16", "--config.grounding.layer=-1",
+      "--config.grounding.heatmaps=2", "--config.data.shapes.val_size=3",
+      "--config.data.shapes.test_size=3", "--config.train_images=8", "--config.batch_size=16",
+      "--config.queue_size=32", "--config.eval.batch_size=8", "--config.total_steps=2",
+      "--config.eval_every_steps=1", "--config.log_every_steps=1"], out)
+  evals = [r for r in rows if "eval/val_acc" in r]
   assert [r["step"] for r in evals] == [1, 2]
   assert "eval/test_acc" not in evals[0]          # the test split is scored once, at the end
   final = evals[-1]

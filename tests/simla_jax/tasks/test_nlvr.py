@@ -1,23 +1,16 @@
 """NLVR2 tasks: text assignment, heads and loss, checkpoint loading, run.py end to end."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_checkpoint
+import run_py
 from configs import simla_nlvr, simla_nlvr_pretrain
 from simla_jax.data import nlvr_shapes, pipeline
 from simla_jax.models import nlvr_encoder
 from simla_jax.tasks import nlvr
-from train_jax import metrics as metrics_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 
 # --------------------------------------------------------------------------- text assignment
 def test_text_assignment_labels_and_similarity_negatives_on_a_hand_made_batch():
@@ -61,13 +54,6 @@ def test_pair_loss_matches_hand_computed_values():
 
 
 # --------------------------------------------------------------------------- loading
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  cfg, _, state = tiny_checkpoint.write_tiny_pretraining(workdir)
-  return workdir, cfg, jax.device_get(state)
-
-
 def _config(module, workdir, **overrides):
   c = module.get_config()
   c.init.checkpoint = workdir
@@ -110,12 +96,10 @@ def test_load_builds_the_two_image_encoder_from_the_pretrained_bert(pretrained):
 
 # --------------------------------------------------------------------------- end to end
 def _run(args, workdir):
-  cmd = [sys.executable, "run.py", *args, "--config.data.image_size=32",
-         "--config.data.max_len=16", "--config.total_steps=3", "--config.eval_every_steps=3",
-         "--config.log_every_steps=1", "--config.progress_bar=False", f"--workdir={workdir}"]
-  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-  assert run.returncode == 0, run.stderr[-3000:]
-  return metrics_lib.read_metrics(str(workdir))
+  rows, _ = run_py.run([*args, "--config.data.image_size=32", "--config.data.max_len=16",
+                        "--config.total_steps=3", "--config.eval_every_steps=3",
+                        "--config.log_every_steps=1"], workdir, timeout=1200)
+  return rows
 
 
 @pytest.mark.slow

@@ -1,9 +1,6 @@
 """Retrieval fine-tuning: id-aware objectives, checkpoint loading, :eval, minimal pairs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import run_py
 import tiny_checkpoint
 from configs import simla_retrieval
-from simla_jax import objectives as obj
 from simla_jax import retrieval
 from simla_jax.data import pipeline, shapes
 from simla_jax.data.tokenizer import vocab_from_words
@@ -22,9 +19,6 @@ from simla_jax.models import vit as vit_lib
 from simla_jax.tasks import retrieval as rt
 from train_jax import loop
 from train_jax import metrics as metrics_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 
 # --------------------------------------------------------------------------- objectives
 def test_id_positive_targets_match_hand_computed():
@@ -104,13 +98,6 @@ def test_id_queue_follows_the_feature_queue_unless_frozen():
 
 
 # --------------------------------------------------------------------------- checkpoints
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  cfg, model, state = tiny_checkpoint.write_tiny_pretraining(workdir)
-  return workdir, cfg, jax.device_get(state)
-
-
 def _config(workdir, **data):
   c = simla_retrieval.get_config()
   c.init.checkpoint = workdir
@@ -149,18 +136,11 @@ def test_load_interpolates_positions_to_a_larger_image(pretrained):
 
 
 def test_an_official_pth_loads_the_same_weights(pretrained, tmp_path):
-  torch = pytest.importorskip("torch")
-  from simla_jax import convert
-  workdir, cfg, state = pretrained
+  pytest.importorskip("torch")
+  workdir, _, state = pretrained
   c = _config(workdir)
-  tok = pipeline.make_tokenizer(c.data)
-  model_cfg = rt.resolve_model_config(rt.workdir_model_config(workdir), tok, state.params)
-  model_cfg.codebook_size = state.params["mim_head"]["kernel"].shape[1]
-  queues = {k: state.extras[k] for k in ("image_queue", "text_queue", "queue_ptr")}
-  official = convert.to_official_state_dict(state.params, state.extras["momentum"], queues,
-                                            model_cfg)
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}},
-             tmp_path / "simla.pth")
+  model_cfg = tiny_checkpoint.write_official_pth(workdir, state, c.data,
+                                                 str(tmp_path / "simla.pth"))
   c.init.checkpoint = str(tmp_path / "simla.pth")
   c.model = model_cfg
   from_pth, from_workdir = rt.load_pretrained(c), rt.load_pretrained(_config(workdir))
@@ -218,16 +198,15 @@ def test_eval_mode_on_an_albef_json_prints_and_writes_metrics(pretrained, tmp_pa
   (tmp_path / "test.json").write_text(json.dumps(records))
   (tmp_path / "vocab.txt").write_text("\n".join(vocab_from_words(shapes.vocabulary(cfg.data))))
   out = tmp_path / "eval"
-  cmd = [sys.executable, "run.py", "--config=configs/simla_retrieval.py:eval",
-         f"--config.init.checkpoint={workdir}", f"--config.eval.files.test={tmp_path}/test.json",
-         f"--config.data.captions.image_root={tmp_path}",
-         f"--config.data.tokenizer.vocab_file={tmp_path}/vocab.txt",
-         "--config.data.image_size=32", "--config.data.loader.worker_count=0",
-         "--config.eval.k_test=2", "--config.eval.batch_size=4", f"--workdir={out}"]
-  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert "tr_r1" in run.stdout and "ir_r10" in run.stdout and "\ntest " in run.stdout
-  (row,) = metrics_lib.read_metrics(str(out))
+  rows, stdout = run_py.run([
+      "--config=configs/simla_retrieval.py:eval", f"--config.init.checkpoint={workdir}",
+      f"--config.eval.files.test={tmp_path}/test.json",
+      f"--config.data.captions.image_root={tmp_path}",
+      f"--config.data.tokenizer.vocab_file={tmp_path}/vocab.txt",
+      "--config.data.image_size=32", "--config.data.loader.worker_count=0",
+      "--config.eval.k_test=2", "--config.eval.batch_size=4"], out, timeout=600)
+  assert "tr_r1" in stdout and "ir_r10" in stdout and "\ntest " in stdout
+  (row,) = rows
   assert row["step"] == tiny_checkpoint.STEP
   for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean"):
     assert 0.0 <= row[f"eval/test_{k}"] <= 100.0

@@ -2,22 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_checkpoint
+import run_py
 from configs import simla_ve
-from simla_jax.data import entailment, pipeline, shapes
+from simla_jax.data import entailment, pipeline
 from simla_jax.tasks import ve
-from train_jax import metrics as metrics_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 
 def test_head_is_linear_relu_linear_on_the_cls():
   head = ve.ClassifierHead(hidden=4)
@@ -68,13 +62,6 @@ def test_alpha_warmup_minus_one_is_one_epoch_of_the_training_source():
 
 
 # --------------------------------------------------------------------------- loading
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  cfg, _, state = tiny_checkpoint.write_tiny_pretraining(workdir)
-  return workdir, cfg, jax.device_get(state)
-
-
 def _config(workdir, **overrides):
   c = simla_ve.get_config()
   c.init.checkpoint = workdir
@@ -133,15 +120,12 @@ def test_text_only_predictions_ignore_the_image(pretrained):
 def test_run_py_fine_tunes_and_writes_accuracy_to_metrics(pretrained, tmp_path):
   workdir, _, _ = pretrained
   out = tmp_path / "ve"
-  cmd = [sys.executable, "run.py", "--config=configs/simla_ve.py",
-         f"--config.init.checkpoint={workdir}", "--config.data.image_size=32",
-         "--config.data.shapes.val_size=4", "--config.data.shapes.test_size=4",
-         "--config.train_images=8", "--config.batch_size=8", "--config.eval.batch_size=8",
-         "--config.total_steps=3", "--config.eval_every_steps=2", "--config.log_every_steps=1",
-         "--config.alpha_warmup_steps=2", "--config.progress_bar=False", f"--workdir={out}"]
-  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  rows = metrics_lib.read_metrics(str(out))
+  rows, _ = run_py.run([
+      "--config=configs/simla_ve.py", f"--config.init.checkpoint={workdir}",
+      "--config.data.image_size=32", "--config.data.shapes.val_size=4",
+      "--config.data.shapes.test_size=4", "--config.train_images=8", "--config.batch_size=8",
+      "--config.eval.batch_size=8", "--config.total_steps=3", "--config.eval_every_steps=2",
+      "--config.log_every_steps=1", "--config.alpha_warmup_steps=2"], out)
   evals = [r for r in rows if "eval/val_acc" in r]
   assert [r["step"] for r in evals] == [2, 3]
   assert "eval/test_acc" not in evals[0]          # the test split is scored once, at the end

@@ -2,9 +2,6 @@
 (brute force), loading the decoder from a pretraining checkpoint, run.py end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -12,14 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import run_py
 import tiny_checkpoint
 from configs import simla_vqa
 from simla_jax.data import pipeline, vqa_shapes
 from simla_jax.models import answer_decoder
 from simla_jax.tasks import vqa
-from train_jax import metrics as metrics_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 LN = np.log
 
 # One answer row [tok 2, tok 0, tok 1]: position 0 predicts token 0, position 1 token 1.
@@ -153,13 +149,6 @@ def test_ranking_picks_the_best_sequence_among_the_first_token_top_k(ranker):
 
 
 # --------------------------------------------------------------------------- loading
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  cfg, _, state = tiny_checkpoint.write_tiny_pretraining(workdir)
-  return workdir, cfg, jax.device_get(state)
-
-
 def _config(workdir, **overrides):
   c = simla_vqa.get_config()
   c.init.checkpoint = workdir
@@ -208,19 +197,11 @@ def test_load_builds_the_decoder_from_the_checkpoint_encoder(pretrained):
 
 
 def test_an_official_pth_gives_the_same_decoder(pretrained, tmp_path):
-  torch = pytest.importorskip("torch")
-  from simla_jax import convert
-  from simla_jax.tasks import retrieval as rt
-  workdir, cfg, state = pretrained
+  pytest.importorskip("torch")
+  workdir, _, state = pretrained
   config = _config(workdir)
-  tok = pipeline.make_tokenizer(config.data)
-  model_cfg = rt.resolve_model_config(rt.workdir_model_config(workdir), tok, state.params)
-  model_cfg.codebook_size = state.params["mim_head"]["kernel"].shape[1]
-  queues = {k: state.extras[k] for k in ("image_queue", "text_queue", "queue_ptr")}
-  official = convert.to_official_state_dict(state.params, state.extras["momentum"], queues,
-                                            model_cfg)
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}},
-             tmp_path / "simla.pth")
+  model_cfg = tiny_checkpoint.write_official_pth(workdir, state, config.data,
+                                                 str(tmp_path / "simla.pth"))
   answers = vqa.read_answer_list(config)
   from_workdir = vqa.load(config, answers)
   from_pth = vqa.load(_config(str(tmp_path / "simla.pth"), model=model_cfg), answers)
@@ -232,16 +213,13 @@ def test_an_official_pth_gives_the_same_decoder(pretrained, tmp_path):
 def test_run_py_fine_tunes_ranks_and_writes_the_result_json(pretrained, tmp_path):
   workdir, _, _ = pretrained
   out = tmp_path / "vqa"
-  cmd = [sys.executable, "run.py", "--config=configs/simla_vqa.py",
-         f"--config.init.checkpoint={workdir}", "--config.data.image_size=32",
-         "--config.data.shapes.val_size=2", "--config.data.shapes.test_size=2",
-         "--config.decoder.layers=1", "--config.decoder.first_layer=1",
-         "--config.train_images=4", "--config.batch_size=8", "--config.eval.batch_size=8",
-         "--config.total_steps=3", "--config.eval_every_steps=2", "--config.log_every_steps=1",
-         "--config.alpha_warmup_steps=2", "--config.progress_bar=False", f"--workdir={out}"]
-  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  rows = metrics_lib.read_metrics(str(out))
+  rows, _ = run_py.run([
+      "--config=configs/simla_vqa.py", f"--config.init.checkpoint={workdir}",
+      "--config.data.image_size=32", "--config.data.shapes.val_size=2",
+      "--config.data.shapes.test_size=2", "--config.decoder.layers=1",
+      "--config.decoder.first_layer=1", "--config.train_images=4", "--config.batch_size=8",
+      "--config.eval.batch_size=8", "--config.total_steps=3", "--config.eval_every_steps=2",
+      "--config.log_every_steps=1", "--config.alpha_warmup_steps=2"], out)
   evals = [r for r in rows if "eval/val_acc" in r]
   assert [r["step"] for r in evals] == [2, 3]
   assert "eval/test_acc" not in evals[0]

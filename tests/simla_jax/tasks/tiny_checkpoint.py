@@ -32,3 +32,19 @@ def write_tiny_pretraining(workdir: str, seed: int = 0):
   ckpt.save(STEP, state, None)
   ckpt.close()
   return cfg, model, state
+
+
+def write_official_pth(workdir: str, state, data_cfg, path: str):
+  """The workdir's train `state` saved as an official SIMLA .pth at `path` (through the
+  converter); returns the model config an official checkpoint is loaded with."""
+  import torch   # only the tests that need it import torch
+  from simla_jax import convert
+  from simla_jax.tasks import retrieval as rt
+  tokenizer = pipeline.make_tokenizer(data_cfg)
+  model_cfg = rt.resolve_model_config(rt.workdir_model_config(workdir), tokenizer, state.params)
+  model_cfg.codebook_size = state.params["mim_head"]["kernel"].shape[1]
+  queues = {k: state.extras[k] for k in ("image_queue", "text_queue", "queue_ptr")}
+  official = convert.to_official_state_dict(state.params, state.extras["momentum"], queues,
+                                            model_cfg)
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}}, path)
+  return model_cfg
