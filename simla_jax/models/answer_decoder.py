@@ -12,7 +12,6 @@ embeddings and MLM head copied, decoder layer i = encoder layer `first_layer + i
 
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,41 +29,13 @@ def causal_bias(mask_b_l: jax.Array) -> jax.Array:
   return ((1.0 - keep_b_l_l) * layers.MASK_BIAS)[:, None]
 
 
-class AnswerDecoder(nn.Module):
-  """Causal BERT decoder with cross-attention and an LM head; see the module doc."""
-  vocab_size: int
-  hidden: int
-  num_layers: int
-  heads: int
-  ffn: int
-  max_position: int = 512
-  dropout: float = 0.1
-  attention_dropout: float = 0.1
-  layer_norm_eps: float = 1e-12
-  init_std: float = 0.02
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan_layers: bool = False
-  dtype: Any = jnp.float32
-  attention_impl: str = "einsum"
+class AnswerDecoder(bert_lib.Bert):
+  """Causal BERT decoder with cross-attention and an LM head; see the module doc. The
+  fields, layers and parameter tree are `Bert`'s (SIMLA, no `fusion_start`)."""
 
-  def setup(self):
+  def layer_attention_impl(self) -> str:
     # cudnn attention takes only a key padding bias; the causal one needs the xla kernel.
-    impl = "xla" if self.attention_impl == "cudnn" else self.attention_impl
-    self.embeddings = bert_lib.BertEmbeddings(
-        self.vocab_size, self.hidden, self.max_position, self.layer_norm_eps, self.dropout,
-        self.init_std, self.dtype)
-    args = (self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
-            self.layer_norm_eps, self.init_std)
-    if self.scan_layers:
-      self.encoder = bert_lib.BertEncoder(self.num_layers, *args, remat=self.remat,
-                                          remat_policy=self.remat_policy, dtype=self.dtype,
-                                          attention_impl=impl)
-    else:
-      layer = bert_lib._layer_class(self.remat, self.remat_policy)
-      self.layer = [layer(*args, self.dtype, impl) for _ in range(self.num_layers)]
-    self.mlm_head = bert_lib.MlmHead(self.hidden, self.vocab_size, self.layer_norm_eps,
-                                     self.init_std, self.dtype)
+    return "xla" if self.attention_impl == "cudnn" else self.attention_impl
 
   def __call__(self, ids_b_l: jax.Array, mask_b_l: jax.Array, states_n_k_d: jax.Array,
                states_mask_n_k: jax.Array | None = None, *,
@@ -78,7 +49,9 @@ class AnswerDecoder(nn.Module):
       without it n = b.
     states_mask_n_k: their padding mask (question tokens), None = all valid.
     """
-    x = self.embeddings(ids_b_l, deterministic=deterministic)
+    if self.fusion_start is not None:
+      raise ValueError("AnswerDecoder: every layer cross-attends (fusion_start must be None)")
+    x = self.embed(ids_b_l, deterministic=deterministic)
     bias = causal_bias(mask_b_l)
     kv_bias = None if states_mask_n_k is None else layers.mask_to_bias(states_mask_n_k)
     if kv_bias is not None and states_index_b is not None:
@@ -89,7 +62,7 @@ class AnswerDecoder(nn.Module):
     else:
       for layer in self.layer:
         x, _ = layer(x, bias, states_n_k_d, kv_bias, states_index_b, deterministic, False, None)
-    return self.mlm_head(x, self.embeddings.word_table()).astype(jnp.float32)
+    return self.mlm_logits(x).astype(jnp.float32)
 
 
 def from_config(bert_cfg, decoder_cfg, *, init_std: float, scan_layers: bool, remat: bool,

@@ -271,22 +271,26 @@ class Bert(nn.Module):
                                      self.layer_norm_eps, self.dropout, self.init_std, self.dtype)
     args = (self.hidden, self.heads, self.ffn, self.dropout, self.attention_dropout,
             self.layer_norm_eps, self.init_std)
+    impl = self.layer_attention_impl()
     if self.scan_layers:
       # ALBEF: the text and the fusion layers are two stacks (their parameters differ).
       text_layers = self.num_layers if self.fusion_start is None else self.fusion_start
       self.encoder = BertEncoder(text_layers, *args, remat=self.remat,
                                  remat_policy=self.remat_policy, dtype=self.dtype,
-                                 attention_impl=self.attention_impl)
+                                 attention_impl=impl)
       if self.fusion_start is not None:
         self.fusion_encoder = BertEncoder(self.num_layers - self.fusion_start, *args,
                                           remat=self.remat, remat_policy=self.remat_policy,
-                                          dtype=self.dtype, attention_impl=self.attention_impl)
+                                          dtype=self.dtype, attention_impl=impl)
     else:
       layer = _layer_class(self.remat, self.remat_policy)
-      self.layer = [layer(*args, self.dtype, self.attention_impl)
-                    for _ in range(self.num_layers)]
+      self.layer = [layer(*args, self.dtype, impl) for _ in range(self.num_layers)]
     self.mlm_head = MlmHead(self.hidden, self.vocab_size, self.layer_norm_eps, self.init_std,
                             self.dtype)
+
+  def layer_attention_impl(self) -> str:
+    """The layers' attention kernel (a subclass with another mask may need another)."""
+    return self.attention_impl
 
   def embed(self, ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None, *,
             deterministic: bool = True) -> jax.Array:
