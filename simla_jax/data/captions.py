@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from simla_jax.data import json_records
+
 
 class BadImageError(ValueError):
   """An image that is missing or cannot be decoded; the message names the file."""
@@ -29,11 +31,7 @@ class BadImageError(ValueError):
 
 def read_caption_file(path: str) -> list[dict[str, Any]]:
   """Parses and validates one JSON file; returns records {image, captions}."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
-    raise FileNotFoundError(f"captions: cannot read {path}: {e}") from e
+  text = json_records.read_text(path, "captions")
   try:
     records = json.loads(text)
   except json.JSONDecodeError as e:

@@ -216,11 +216,7 @@ class ShapesEntailment:
 # --------------------------------------------------------------------------- SNLI-VE
 def read_ve_file(path: str) -> list[dict[str, Any]]:
   """Parses and validates one VE file; records {image, sentence, label, file, line}."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
-    raise FileNotFoundError(f"ve: cannot read {path}: {e}") from e
+  text = json_records.read_text(path, "ve")
   records = []
   for line, r in json_records.raw_records(path, text, "ve"):
     where = f"ve: {path} line {line}"

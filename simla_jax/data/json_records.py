@@ -4,6 +4,16 @@ import json
 from typing import Any
 
 
+def read_text(path: str, what: str) -> str:
+  """The UTF-8 contents of `path`; an unreadable file is a FileNotFoundError that starts
+  with `what` and names it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except OSError as e:
+    raise FileNotFoundError(f"{what}: cannot read {path}: {e}") from e
+
+
 def line_of(text: str, pos: int) -> int:
   return text.count("\n", 0, pos) + 1
 

@@ -51,11 +51,7 @@ def parse_record(record: Any, where: str) -> dict[str, Any]:
 
 def read_nlvr_file(path: str, skip_bad: bool = False) -> tuple[list[dict], list[str]]:
   """(records {images, sentence, label, file, line}, messages of the skipped ones)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
-    raise FileNotFoundError(f"nlvr: cannot read {path}: {e}") from e
+  text = json_records.read_text(path, "nlvr")
   skipped: list[str] = []
   records = []
   for line, value in json_records.raw_records(path, text, "nlvr", error=NlvrFormatError,

@@ -35,18 +35,10 @@ SPLITS = ("val", "testA", "testB")
 BOX_TOLERANCE = 1.0   # pixels a box may stick out of its image (rounding in the files)
 
 
-def _read_text(path: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except OSError as e:
-    raise FileNotFoundError(f"{WHAT}: cannot read {path}: {e}") from e
-
-
 def read_expressions(path: str, *, with_ref_id: bool) -> list[dict[str, Any]]:
   """Validated records {image, text, ref_id (eval) , file, line} of one expression file."""
   records = []
-  for line, r in json_records.raw_records(path, _read_text(path), WHAT):
+  for line, r in json_records.raw_records(path, json_records.read_text(path, WHAT), WHAT):
     where = f"{WHAT}: {path} line {line}"
     if not isinstance(r, dict):
       raise ValueError(f"{where}: a record must be a JSON object, found {type(r).__name__}")
@@ -131,7 +123,7 @@ def read_refer(refer_dir: str) -> dict[int, Ref]:
   inst_path = os.path.join(refer_dir, "instances.json")
   refs = read_refs_pickle(refs_path)
   try:
-    instances = json.loads(_read_text(inst_path))
+    instances = json.loads(json_records.read_text(inst_path, WHAT))
   except json.JSONDecodeError as e:
     raise ValueError(f"{WHAT}: {inst_path} line {e.lineno} column {e.colno}: malformed JSON "
                      f"({e.msg})") from e
@@ -168,7 +160,7 @@ def read_boxes(path: str, sizes: Mapping[int, tuple[int, int]]) -> dict[int, np.
   """image id -> (n, 4) float boxes (x, y, w, h) of dets.json / cocos.json, checked
   against the image sizes (height, width) of the images they are read for."""
   try:
-    raw = json.loads(_read_text(path))
+    raw = json.loads(json_records.read_text(path, WHAT))
   except json.JSONDecodeError as e:
     raise ValueError(f"{WHAT}: {path} line {e.lineno} column {e.colno}: malformed JSON "
                      f"({e.msg})") from e

@@ -59,11 +59,7 @@ def read_json_records(path: str, on_error: str = "error") -> tuple[list[tuple[in
   A malformed JSON list cannot be resynchronised and always raises; a malformed JSON
   line raises, or with `on_error="skip"` is counted and skipped.
   """
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
-    raise FileNotFoundError(f"vqa: cannot read {path}: {e}") from e
+  text = json_records.read_text(path, "vqa")
   skipped = [] if on_error == "skip" else None
   records = json_records.raw_records(path, text, "vqa", error=BadRecord, skipped=skipped)
   return records, len(skipped or ())
