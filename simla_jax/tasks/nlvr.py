@@ -30,7 +30,6 @@ majority class's accuracy.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -135,15 +134,6 @@ def make_tokenizer(data_cfg) -> tuple[Tokenizer, int]:
   return pipeline.extended_tokenizer(data_cfg, nlvr_shapes.vocabulary())
 
 
-def _read_run(workdir: str) -> dict:
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except OSError as e:
-    raise FileNotFoundError(f"init.checkpoint: {workdir} has no readable config.json: {e}") from e
-
-
 @dataclasses.dataclass
 class Loaded:
   net: Net
@@ -173,7 +163,7 @@ def load(config) -> Loaded:
   """The encoders for `config.family` from `config.init.checkpoint` (see module doc)."""
   path = config.init.checkpoint
   tokenizer, base_size = make_tokenizer(config.data)
-  run = _read_run(path) if os.path.isdir(path) else None
+  run = rt.read_run_config(path) if os.path.isdir(path) else None
   d = int(config.nlvr.duplicate_from)
   if run is not None and run.get("family") == "simla_nlvr_pretrain":
     # A text-assignment run: its encoders are already in the NLVR layout.

@@ -146,7 +146,8 @@ def retrieval_subset(tree: Mapping[str, Any], modules=RETRIEVAL_MODULES,
   return out
 
 
-def _read_run_config(workdir: str) -> dict:
+def read_run_config(workdir: str) -> dict:
+  """The config.json a run of this project wrote in `workdir`, as a dict."""
   path = os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
@@ -158,7 +159,7 @@ def _read_run_config(workdir: str) -> dict:
 
 def workdir_model_config(workdir: str) -> ml_collections.ConfigDict:
   """The model a workdir's checkpoints hold, from its config.json (unresolved -1 sizes)."""
-  run = _read_run_config(workdir)
+  run = read_run_config(workdir)
   family = run.get("family")
   if family == "simla":
     return ml_collections.ConfigDict(run["model"])
