@@ -280,6 +280,33 @@ def make_train_iterator(data_cfg: Any, **kwargs) -> grain.DatasetIterator:
   return iter(make_train_dataset(data_cfg, **kwargs))
 
 
+class TaskTransform(grain.transforms.MapWithIndex):
+  """Base of the fine-tuning tasks' example transforms (`map_with_index` is theirs): the
+  image augmentation, drawn in training from default_rng([seed, epoch, index, *more])
+  with epoch = k // epoch_length, and the text with `aug.flip_swap` words swapped when
+  its image was flipped. Evaluation (`train=False`) does not augment."""
+
+  def __init__(self, data_cfg: Any, *, seed: int, epoch_length: int, train: bool):
+    self.seed, self.epoch_length, self.train = int(seed), max(int(epoch_length), 1), train
+    self.max_words = int(data_cfg.tokenizer.max_words)
+    self.flip_swap = tuple(tuple(p) for p in data_cfg.aug.flip_swap)
+    self.image_tf = augment.ImageTransform(data_cfg.aug, image_size=int(data_cfg.image_size),
+                                           train=train and bool(data_cfg.aug.train))
+
+  def image(self, k: int, index: int, image: np.ndarray, *more: int):
+    """(image, flipped) of example `index` at stream position `k`."""
+    rng = (np.random.default_rng([self.seed, k // self.epoch_length, index, *more])
+           if self.train else None)
+    return self.image_tf(image, rng)
+
+  def image_and_text(self, k: int, index: int, image: np.ndarray, text: str):
+    """(image, text), the text's left / right words swapped if the image was flipped."""
+    image, flipped = self.image(k, index, image)
+    if flipped and self.flip_swap:
+      text = augment.swap_words(text, self.flip_swap)
+    return image, text
+
+
 def task_train_iterator(data_cfg: Any, source, batch_size: int, make_transform,
                         what: str) -> grain.DatasetIterator:
   """A fine-tuning task's training batches: this process's shard of `source`, reshuffled

@@ -42,7 +42,6 @@ import numpy as np
 
 from simla_jax import convert
 from simla_jax import objectives as obj
-from simla_jax.data import augment
 from simla_jax.data import nlvr as nlvr_data
 from simla_jax.data import nlvr_shapes
 from simla_jax.data import pipeline
@@ -230,7 +229,7 @@ def make_source(config, split: str):
   raise ValueError(f"data.name: {d.name!r} is not an NLVR2 dataset (shapes | nlvr2)")
 
 
-class ExampleTransform(grain.transforms.MapWithIndex):
+class ExampleTransform(pipeline.TaskTransform):
   """(stream position k, example) -> image0, image1, text_ids, text_mask, label, kind, index.
 
   Training augments each image with its own draw of default_rng([seed, epoch, index, side])
@@ -238,19 +237,14 @@ class ExampleTransform(grain.transforms.MapWithIndex):
 
   def __init__(self, data_cfg, tokenizer: Tokenizer, *, seed: int, epoch_length: int,
                train: bool):
-    self.seed, self.epoch_length, self.train = int(seed), max(int(epoch_length), 1), train
+    super().__init__(data_cfg, seed=seed, epoch_length=epoch_length, train=train)
     self.tokenizer = tokenizer
-    self.max_words = int(data_cfg.tokenizer.max_words)
-    self.image_tf = augment.ImageTransform(data_cfg.aug, image_size=int(data_cfg.image_size),
-                                           train=train and bool(data_cfg.aug.train))
 
   def map_with_index(self, k: int, ex: dict) -> dict:
     index = int(ex["index"])
     out = {}
     for side in (0, 1):
-      rng = (np.random.default_rng([self.seed, k // self.epoch_length, index, side])
-             if self.train else None)
-      out[f"image{side}"], _ = self.image_tf(ex[f"image{side}"], rng)
+      out[f"image{side}"], _ = self.image(k, index, ex[f"image{side}"], side)
     ids, mask = self.tokenizer(pre_caption(ex["sentence"], self.max_words))
     kind = nlvr_shapes.KINDS.index(ex["kind"]) if ex["kind"] else -1
     return dict(out, text_ids=ids, text_mask=mask, label=np.int32(ex["label"]),

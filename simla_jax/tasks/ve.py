@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from simla_jax import objectives as obj
-from simla_jax.data import augment
 from simla_jax.data import entailment
 from simla_jax.data import pipeline
 from simla_jax.data.tokenizer import Tokenizer, pre_caption
@@ -159,7 +158,7 @@ def make_source(config, split: str):
   raise ValueError(f"data.name: {d.name!r} is not a VE dataset (shapes | snli_ve)")
 
 
-class ExampleTransform(grain.transforms.MapWithIndex):
+class ExampleTransform(pipeline.TaskTransform):
   """(stream position k, example) -> image, text_ids, text_mask, label, kind, index.
 
   Training draws the augmentation from default_rng([seed, epoch, index]); a flipped
@@ -168,20 +167,13 @@ class ExampleTransform(grain.transforms.MapWithIndex):
 
   def __init__(self, data_cfg, tokenizer: Tokenizer, *, seed: int, epoch_length: int,
                train: bool):
-    self.seed, self.epoch_length, self.train = int(seed), max(int(epoch_length), 1), train
+    super().__init__(data_cfg, seed=seed, epoch_length=epoch_length, train=train)
     self.tokenizer = tokenizer
-    self.max_words = int(data_cfg.tokenizer.max_words)
-    self.flip_swap = tuple(tuple(p) for p in data_cfg.aug.flip_swap)
-    self.image_tf = augment.ImageTransform(data_cfg.aug, image_size=int(data_cfg.image_size),
-                                           train=train and bool(data_cfg.aug.train))
 
   def map_with_index(self, k: int, ex: dict) -> dict:
     index = int(ex["index"])
-    rng = np.random.default_rng([self.seed, k // self.epoch_length, index]) if self.train else None
-    image, flipped = self.image_tf(ex["image"], rng)
-    text = pre_caption(ex["hypothesis"], self.max_words)
-    if flipped and self.flip_swap:
-      text = augment.swap_words(text, self.flip_swap)
+    image, text = self.image_and_text(k, index, ex["image"],
+                                      pre_caption(ex["hypothesis"], self.max_words))
     ids, mask = self.tokenizer(text)
     kind = entailment.KINDS.index(ex["kind"]) if ex["kind"] else -1
     return {"image": image, "text_ids": ids, "text_mask": mask,

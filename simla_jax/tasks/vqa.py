@@ -36,7 +36,6 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -45,7 +44,6 @@ import numpy as np
 import optax
 
 from simla_jax import objectives as obj
-from simla_jax.data import augment
 from simla_jax.data import pipeline
 from simla_jax.data import vqa as vqa_data
 from simla_jax.data import vqa_shapes
@@ -275,7 +273,7 @@ def make_source(config, split: str, answer_list: Sequence[str]):
   raise ValueError(f"data.name: {d.name!r} is not a VQA dataset (shapes | vqa)")
 
 
-class ExampleTransform(grain.transforms.MapWithIndex):
+class ExampleTransform(pipeline.TaskTransform):
   """(stream position k, example) -> arrays. Training: image, question_ids / mask,
   answer_ids / answer_mask (max_answers, answer_max_len), answer_weight (max_answers,)
   (missing answers weigh 0; beyond max_answers the heaviest are kept). Evaluation:
@@ -285,21 +283,13 @@ class ExampleTransform(grain.transforms.MapWithIndex):
 
   def __init__(self, data_cfg, tokenizer: Tokenizer, answer_tokenizer: Tokenizer, *,
                seed: int, epoch_length: int, train: bool):
-    self.seed, self.epoch_length, self.train = int(seed), max(int(epoch_length), 1), train
+    super().__init__(data_cfg, seed=seed, epoch_length=epoch_length, train=train)
     self.tokenizer, self.answer_tokenizer = tokenizer, answer_tokenizer
-    self.max_words = int(data_cfg.tokenizer.max_words)
     self.max_answers = int(data_cfg.max_answers)
-    self.flip_swap = tuple(tuple(p) for p in data_cfg.aug.flip_swap)
-    self.image_tf = augment.ImageTransform(data_cfg.aug, image_size=int(data_cfg.image_size),
-                                           train=train and bool(data_cfg.aug.train))
 
   def map_with_index(self, k: int, ex: dict) -> dict:
-    index = int(ex["index"])
-    rng = np.random.default_rng([self.seed, k // self.epoch_length, index]) if self.train else None
-    image, flipped = self.image_tf(ex["image"], rng)
-    text = vqa_data.pre_question(ex["question"], self.max_words)
-    if flipped and self.flip_swap:
-      text = augment.swap_words(text, self.flip_swap)
+    image, text = self.image_and_text(k, int(ex["index"]), ex["image"],
+                                      vqa_data.pre_question(ex["question"], self.max_words))
     ids, mask = self.tokenizer(text)
     out = {"image": image, "question_ids": ids, "question_mask": mask}
     if self.train:

@@ -105,3 +105,27 @@ def test_eval_data_index_maps():
   # Eval images are the un-augmented images, deterministic.
   again = pipeline.make_eval_data(cfg, "test")
   np.testing.assert_array_equal(again.image(3), ev.image(3))
+
+
+class _ImageText(pipeline.TaskTransform):
+  def map_with_index(self, k, ex):
+    return self.image_and_text(k, ex["index"], ex["image"], ex["text"])
+
+
+def test_task_transform_swaps_left_and_right_exactly_when_it_flips():
+  cfg = default_data_config()
+  cfg.image_size = 8
+  cfg.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
+  ex = {"image": np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8),
+        "text": "a circle left of a square"}
+  train = _ImageText(cfg, seed=0, epoch_length=1, train=True)
+  flips = []
+  for index in range(16):
+    image, text = train.map_with_index(0, dict(ex, index=index))
+    again, flipped = train.image(0, index, ex["image"])   # the same draw
+    np.testing.assert_array_equal(image, again)
+    assert text == ("a circle right of a square" if flipped else ex["text"])
+    flips.append(flipped)
+  assert 0 < sum(flips) < 16
+  evaluation = _ImageText(cfg, seed=0, epoch_length=1, train=False)
+  assert all(evaluation.map_with_index(0, dict(ex, index=i))[1] == ex["text"] for i in range(16))
