@@ -36,6 +36,20 @@ def predict(fn: Callable[..., Any], split: Iterator[Mapping[str, np.ndarray]], s
     yield b, jax.tree.map(lambda y: np.asarray(y)[:n], fn(*(inputs[k] for k in keys)))
 
 
+def accuracies(split: str, pred: np.ndarray, label: np.ndarray, kind: np.ndarray,
+               kinds: Sequence[str], majority: int) -> dict[str, float]:
+  """In percent: `<split>_acc`; `<split>_acc_<name>` of each kind present (`kind` holds
+  indices into `kinds`, -1 for none); `<split>_majority_acc`, of always answering
+  `majority`."""
+  hit = pred == label
+  out = {f"{split}_acc": 100.0 * float(np.mean(hit))}
+  for k, name in enumerate(kinds):
+    if np.any(kind == k):
+      out[f"{split}_acc_{name}"] = 100.0 * float(np.mean(hit[kind == k]))
+  out[f"{split}_majority_acc"] = 100.0 * float(np.mean(label == majority))
+  return out
+
+
 def schedule(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(`eval.splits`, the `eval.final_splits` not among them)."""
   splits = tuple(config.eval.splits)

@@ -322,11 +322,8 @@ class Evaluator:
       if self.family == "simla_nlvr_pretrain":
         out[f"{split}_ta_acc"] = 100.0 * float(np.mean(pred == label))
         continue
-      out[f"{split}_acc"] = 100.0 * float(np.mean(pred == label))
-      for k, name in enumerate(nlvr_shapes.KINDS):
-        if np.any(kind == k):
-          out[f"{split}_acc_{name}"] = 100.0 * float(np.mean((pred == label)[kind == k]))
-      out[f"{split}_majority_acc"] = 100.0 * float(np.mean(label == self.majority))
+      out.update(finetune.accuracies(split, pred, label, kind, nlvr_shapes.KINDS,
+                                     self.majority))
     return out
 
 

@@ -226,11 +226,7 @@ class Evaluator:
     out = {}
     for split in splits:
       pred, label, kind = self.predictions(params, split)
-      out[f"{split}_acc"] = 100.0 * float(np.mean(pred == label))
-      for k, name in enumerate(entailment.KINDS):
-        if np.any(kind == k):
-          out[f"{split}_acc_{name}"] = 100.0 * float(np.mean((pred == label)[kind == k]))
-      out[f"{split}_majority_acc"] = 100.0 * float(np.mean(label == self.majority))
+      out.update(finetune.accuracies(split, pred, label, kind, entailment.KINDS, self.majority))
     return out
 
 

@@ -57,3 +57,11 @@ def test_check_config_names_the_bad_key(bad, match, monkeypatch):
   monkeypatch.setattr(finetune.jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match=match):
     finetune.check_config(_config(**bad))
+
+
+def test_accuracies_overall_per_kind_and_of_the_majority_answer():
+  pred, label = np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2])
+  kind = np.array([0, 0, 1, -1])
+  got = finetune.accuracies("val", pred, label, kind, ("count", "colour", "absent"), majority=2)
+  assert got == {"val_acc": 75.0, "val_acc_count": 100.0, "val_acc_colour": 0.0,
+                 "val_majority_acc": 50.0}
