@@ -15,7 +15,6 @@ def base(family: str, checkpoint: str) -> ml_collections.ConfigDict:
   LayerNorm scales) on a cosine schedule."""
   c = common.base()
   c.family = family
-  c.seed = 0
   c.init = ml_collections.ConfigDict(dict(checkpoint=checkpoint))
   c.data = default_data_config()
   # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
@@ -55,6 +54,18 @@ def epochs(c: ml_collections.ConfigDict, train_records: int, num_epochs: int) ->
   c.alpha_warmup_steps = steps_per_epoch
   c.log_every_steps = 100
   c.eval_every_steps = steps_per_epoch
+
+
+def shapes_input(c: ml_collections.ConfigDict, *, max_len: int, val_size: int,
+                 test_size: int) -> None:
+  """The shapes world at 64 px on 2 loader threads; whole images (a crop could cut out an
+  object the text counts or names) and no RandAugment (its colour ops could change a
+  colour the text names)."""
+  c.data.image_size = 64
+  c.data.max_len = max_len
+  c.data.shapes.update(val_size=val_size, test_size=test_size)
+  c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
+  c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
 
 
 def shapes_run(c: ml_collections.ConfigDict, *, total_steps: int, eval_every_steps: int,

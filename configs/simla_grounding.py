@@ -79,11 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # checkpoint, whose ITM head never learned, layer 1 / block 1 were best.
   c.grounding.layer = -1              # the last of the default 3 layers
   c.grounding.itc_block = -1
-  c.data.max_len = 20                 # the longest expression is 13 words
-  c.data.shapes.update(val_size=100, test_size=200)
-  # Whole image (a crop could cut the referred object out), flips with left / right
-  # swapped, no RandAugment (its colour ops could change a colour word).
-  c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
+  # The longest expression is 13 words. Flips swap left / right in the expression.
+  finetune.shapes_input(c, max_len=20, val_size=100, test_size=200)
   c.train_images = 2000               # ~5,000 expressions: an epoch = 156 steps
   finetune.shapes_run(c, total_steps=300, eval_every_steps=150, lr=3e-4, warmup_steps=0)
   c.queue_size = 256

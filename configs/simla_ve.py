@@ -54,13 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
   # Shapes world, CPU-sized: fine-tunes the default pretraining run (runs/simla).
-  c.data.image_size = 64
-  c.data.max_len = 20                 # the longest hypothesis is 14 words
-  c.data.shapes.update(val_size=200, test_size=200)   # 600 hypotheses each
-  # Whole image (a crop could cut an object out of a count), flips with left / right
-  # swapped in the hypothesis, no RandAugment (its colour ops could change a colour word).
-  c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
-  c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
+  # The longest hypothesis is 14 words; 600 hypotheses per eval split. Flips swap left /
+  # right in the hypothesis.
+  finetune.shapes_input(c, max_len=20, val_size=200, test_size=200)
   # Departures from the official recipe (5 epochs of 529k pairs, lr 2e-5, warmup 100),
   # val-selected on the default pretraining (README "Visual entailment"): the image-dependent
   # kinds appear only after ~750 steps (object) and ~1,000 (count), so 300 steps on 2,000

@@ -81,13 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 3-layer BERT gives the decoder its last 2 layers (the official top half, 6-11 of 12).
   c.decoder.update(layers=2, first_layer=1)
   c.k_test = 8                        # of 28 answers
-  c.data.image_size = 64
-  c.data.max_len = 24                 # the longest question is 19 words
-  c.data.shapes.update(val_size=120, test_size=120)   # 600 questions each
-  # Whole image (a crop could cut an object out of a count), flips with left / right
-  # swapped in the question, no RandAugment (its colour ops could change a colour).
-  c.data.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
-  c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
+  # The longest question is 19 words; 600 questions per eval split. Flips swap left /
+  # right in the question.
+  finetune.shapes_input(c, max_len=24, val_size=120, test_size=120)
   c.train_images = 2000               # 10,000 questions: an epoch = 312 steps
   # lr val-selected over {1e-4, 3e-4} (README).
   finetune.shapes_run(c, total_steps=300, eval_every_steps=100, lr=1e-4, warmup_steps=20)
