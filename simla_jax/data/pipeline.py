@@ -284,10 +284,12 @@ class TaskTransform(grain.transforms.MapWithIndex):
   """Base of the fine-tuning tasks' example transforms (`map_with_index` is theirs): the
   image augmentation, drawn in training from default_rng([seed, epoch, index, *more])
   with epoch = k // epoch_length, and the text with `aug.flip_swap` words swapped when
-  its image was flipped. Evaluation (`train=False`) does not augment."""
+  its image was flipped, for `tokenizer`. Evaluation (`train=False`) does not augment."""
 
-  def __init__(self, data_cfg: Any, *, seed: int, epoch_length: int, train: bool):
+  def __init__(self, data_cfg: Any, tokenizer: Tokenizer, *, seed: int, epoch_length: int,
+               train: bool):
     self.seed, self.epoch_length, self.train = int(seed), max(int(epoch_length), 1), train
+    self.tokenizer = tokenizer
     self.max_words = int(data_cfg.tokenizer.max_words)
     self.flip_swap = tuple(tuple(p) for p in data_cfg.aug.flip_swap)
     self.image_tf = augment.ImageTransform(data_cfg.aug, image_size=int(data_cfg.image_size),

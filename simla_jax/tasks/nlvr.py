@@ -235,11 +235,6 @@ class ExampleTransform(pipeline.TaskTransform):
   Training augments each image with its own draw of default_rng([seed, epoch, index, side])
   (the official dataset transforms the two images independently)."""
 
-  def __init__(self, data_cfg, tokenizer: Tokenizer, *, seed: int, epoch_length: int,
-               train: bool):
-    super().__init__(data_cfg, seed=seed, epoch_length=epoch_length, train=train)
-    self.tokenizer = tokenizer
-
   def map_with_index(self, k: int, ex: dict) -> dict:
     index = int(ex["index"])
     out = {}

@@ -165,11 +165,6 @@ class ExampleTransform(pipeline.TaskTransform):
   image has left / right swapped in its hypothesis (`aug.flip_swap`).
   """
 
-  def __init__(self, data_cfg, tokenizer: Tokenizer, *, seed: int, epoch_length: int,
-               train: bool):
-    super().__init__(data_cfg, seed=seed, epoch_length=epoch_length, train=train)
-    self.tokenizer = tokenizer
-
   def map_with_index(self, k: int, ex: dict) -> dict:
     index = int(ex["index"])
     image, text = self.image_and_text(k, index, ex["image"],

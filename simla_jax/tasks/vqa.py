@@ -283,8 +283,8 @@ class ExampleTransform(pipeline.TaskTransform):
 
   def __init__(self, data_cfg, tokenizer: Tokenizer, answer_tokenizer: Tokenizer, *,
                seed: int, epoch_length: int, train: bool):
-    super().__init__(data_cfg, seed=seed, epoch_length=epoch_length, train=train)
-    self.tokenizer, self.answer_tokenizer = tokenizer, answer_tokenizer
+    super().__init__(data_cfg, tokenizer, seed=seed, epoch_length=epoch_length, train=train)
+    self.answer_tokenizer = answer_tokenizer
     self.max_answers = int(data_cfg.max_answers)
 
   def map_with_index(self, k: int, ex: dict) -> dict:

@@ -118,7 +118,7 @@ def test_task_transform_swaps_left_and_right_exactly_when_it_flips():
   cfg.aug.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug_n=0)
   ex = {"image": np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8),
         "text": "a circle left of a square"}
-  train = _ImageText(cfg, seed=0, epoch_length=1, train=True)
+  train = _ImageText(cfg, None, seed=0, epoch_length=1, train=True)
   flips = []
   for index in range(16):
     image, text = train.map_with_index(0, dict(ex, index=index))
@@ -127,5 +127,5 @@ def test_task_transform_swaps_left_and_right_exactly_when_it_flips():
     assert text == ("a circle right of a square" if flipped else ex["text"])
     flips.append(flipped)
   assert 0 < sum(flips) < 16
-  evaluation = _ImageText(cfg, seed=0, epoch_length=1, train=False)
+  evaluation = _ImageText(cfg, None, seed=0, epoch_length=1, train=False)
   assert all(evaluation.map_with_index(0, dict(ex, index=i))[1] == ex["text"] for i in range(16))
