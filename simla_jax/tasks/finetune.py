@@ -1,12 +1,14 @@
 """What the SIMLA fine-tuning tasks share: a split read in order in fixed-size batches, a
-jitted forward run over it, which splits an evaluation at a given step scores, and the
-config checks."""
+jitted forward run over it, which splits an evaluation at a given step scores, writing
+a checkpoint's scores, and the config checks."""
 
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
+
+from train_jax import metrics as metrics_lib
 
 
 def batches(source, transform, batch_size: int, threads: int) -> Iterator[dict[str, Any]]:
@@ -61,6 +63,16 @@ def splits_at(config, step) -> tuple[str, ...]:
   final splits are scored once, at the end (`total_steps`)."""
   splits, final = schedule(config)
   return splits + final if int(step) >= int(config.total_steps) else splits
+
+
+def write_scores(workdir: str, step: int, scores: Mapping[str, float]) -> str:
+  """`scores` as `eval/<name>` at `step` in the workdir's metrics.jsonl (written by the main
+  process); returns its path."""
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
+                                    is_main=jax.process_index() == 0)
+  writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+  writer.close()
+  return writer.path
 
 
 def check_config(config) -> None:

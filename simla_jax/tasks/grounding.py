@@ -45,7 +45,6 @@ from simla_jax.data.tokenizer import Tokenizer, pre_caption
 from simla_jax.models import SIMLA
 from simla_jax.tasks import finetune
 from simla_jax.tasks import retrieval as rt
-from train_jax import metrics as metrics_lib
 from train_jax import optimizers
 from train_jax.task import Task
 
@@ -259,15 +258,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   names = tuple(dict.fromkeys(tuple(config.eval.splits) + tuple(config.eval.final_splits)))
   evaluator = Evaluator(config, model, tokenizer, {s: eval_source(config, s) for s in names})
   scores = evaluator(params, names)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
-                                    is_main=jax.process_index() == 0)
-  writer.write(pretrained.step, {f"eval/{k}": v for k, v in scores.items()})
-  writer.close()
+  path = finetune.write_scores(workdir, pretrained.step, scores)
   if jax.process_index() == 0:
     if int(config.grounding.heatmaps):
       evaluator.draw(params, names[-1], int(config.grounding.heatmaps),
                      os.path.join(workdir, "heatmaps"))
     print(", ".join(f"{k}={v:.4g}" for k, v in scores.items()))
-    print(f"Evaluated {pretrained.source} (step {pretrained.step}). Metrics: {writer.path}",
+    print(f"Evaluated {pretrained.source} (step {pretrained.step}). Metrics: {path}",
           flush=True)
   return scores

@@ -48,7 +48,6 @@ from simla_jax.data import retrieval_pairs
 from simla_jax.models import SIMLA, ema_update, init_params, init_queues
 from simla_jax.models import vit as vit_lib
 from simla_jax.tasks import finetune
-from train_jax import metrics as metrics_lib
 from train_jax import optimizers
 from train_jax.state import TrainState
 from train_jax.task import Task
@@ -444,13 +443,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   params = jax.tree.map(jnp.asarray, pretrained.params)
   splits = tuple(config.eval.final_splits)
   scores = make_evaluator(config, model, tokenizer, splits)(params)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
-                                    is_main=jax.process_index() == 0)
-  writer.write(pretrained.step, {f"eval/{k}": v for k, v in scores.items()})
-  writer.close()
+  path = finetune.write_scores(workdir, pretrained.step, scores)
   if jax.process_index() == 0:
     print(format_table(scores, splits))
-    print(f"Evaluated {pretrained.source} (step {pretrained.step}). Metrics: {writer.path}",
+    print(f"Evaluated {pretrained.source} (step {pretrained.step}). Metrics: {path}",
           flush=True)
   return scores
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from simla_jax.tasks import finetune
+from train_jax import metrics as metrics_lib
 
 
 def _config(**kw):
@@ -65,3 +66,10 @@ def test_accuracies_overall_per_kind_and_of_the_majority_answer():
   got = finetune.accuracies("val", pred, label, kind, ("count", "colour", "absent"), majority=2)
   assert got == {"val_acc": 75.0, "val_acc_count": 100.0, "val_acc_colour": 0.0,
                  "val_majority_acc": 50.0}
+
+
+def test_write_scores_puts_them_under_eval_at_the_step(tmp_path):
+  path = finetune.write_scores(str(tmp_path), 7, {"val_acc": 50.0, "val_acc_count": 25.0})
+  (row,) = metrics_lib.read_metrics(str(tmp_path))
+  assert path.startswith(str(tmp_path))
+  assert row == {"step": 7, "eval/val_acc": 50.0, "eval/val_acc_count": 25.0}
