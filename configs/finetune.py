@@ -19,6 +19,9 @@ def base(family: str, checkpoint: str) -> ml_collections.ConfigDict:
   c.data = default_data_config()
   # The network when init.checkpoint is an official .pth (a workdir's config.json wins).
   c.model = simla_model.model_config("base")
+  # BERT dropout while fine-tuning (official bert_config.json: 0.1 and 0.1), also when the
+  # pretraining run used another (the CPU pretraining default uses none).
+  c.bert_dropout = ml_collections.ConfigDict(dict(dropout=0.1, attention_dropout=0.1))
   c.optimizer.name = "adamw"
   c.optimizer.weight_decay = 0.02
   c.optimizer.no_decay = (r".*bias$", r".*scale$")

@@ -169,7 +169,7 @@ def load(config) -> Loaded:
     base = run["init"]["checkpoint"]
     model_cfg = (rt.workdir_model_config(base) if os.path.isdir(base)
                  else ml_collections.ConfigDict(run["model"]))
-    model_cfg = rt.retrieval_model_overrides(model_cfg, config.data.image_size)
+    model_cfg = rt.retrieval_model_overrides(model_cfg, config)
     d = int(run["nlvr"]["duplicate_from"])
     state, _ = rt._restore_state(os.path.join(path, "checkpoints"))  # pylint: disable=protected-access
     params = {k: state["params"][k] for k in ("vit", "bert")}

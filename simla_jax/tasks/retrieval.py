@@ -168,16 +168,19 @@ def workdir_model_config(workdir: str) -> ml_collections.ConfigDict:
       base = workdir_model_config(source)
     else:
       base = ml_collections.ConfigDict(run["model"])
-    return retrieval_model_overrides(base, run["data"]["image_size"])
+    return retrieval_model_overrides(base, ml_collections.ConfigDict(run))
   raise ValueError(f"init.checkpoint: {workdir}/config.json is a {family!r} run; expected a "
                    f"SIMLA pretraining or retrieval run")
 
 
-def retrieval_model_overrides(model_cfg, image_size: int) -> ml_collections.ConfigDict:
-  """The fine-tuning model: no mask token (official `vit_mask_token: false`), target size."""
+def retrieval_model_overrides(model_cfg, config) -> ml_collections.ConfigDict:
+  """The fine-tuning model: no mask token (official `vit_mask_token: false`), the
+  fine-tuning config's image size and BERT dropout (`bert_dropout`)."""
   m = ml_collections.ConfigDict(model_cfg.to_dict())
   m.use_mask_token = False
-  m.image_size = int(image_size)
+  m.image_size = int(config.data.image_size)
+  if config.get("bert_dropout") is not None:   # absent from configs written before it
+    m.bert.update(**config.bert_dropout)
   return m
 
 
@@ -211,7 +214,7 @@ def load_pretrained(config, dropped: Mapping[str, tuple[str, ...]] = DROPPED) ->
     raise ValueError("init.checkpoint is required: a pretraining workdir (e.g. runs/simla) "
                      "or an official SIMLA .pth")
   if os.path.isdir(path):
-    model_cfg = retrieval_model_overrides(workdir_model_config(path), config.data.image_size)
+    model_cfg = retrieval_model_overrides(workdir_model_config(path), config)
     state, step = _restore_state(os.path.join(path, "checkpoints"))
     extras = state.get("extras", {})
     params = retrieval_subset(state["params"], dropped=dropped)
@@ -225,7 +228,7 @@ def load_pretrained(config, dropped: Mapping[str, tuple[str, ...]] = DROPPED) ->
   if not os.path.isfile(path):
     raise FileNotFoundError(f"init.checkpoint: {path} is neither a workdir nor a file")
   from simla_jax import convert  # torch only when an official checkpoint is read
-  model_cfg = retrieval_model_overrides(config.model, config.data.image_size)
+  model_cfg = retrieval_model_overrides(config.model, config)
   if model_cfg.bert.vocab_size == -1:
     model_cfg.bert.vocab_size = pipeline.make_tokenizer(config.data).vocab_size
   params, params_m, queues = convert.load_official_checkpoint(path, model_cfg)

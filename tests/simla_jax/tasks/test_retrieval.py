@@ -135,6 +135,15 @@ def test_load_interpolates_positions_to_a_larger_image(pretrained):
                              vit_lib.interpolate_pos_embed(state.params["vit"]["pos_embed"], 16))
 
 
+def test_finetuning_sets_its_own_bert_dropout_whatever_pretraining_used(pretrained):
+  workdir, pretrain_cfg, _ = pretrained
+  c = _config(workdir)
+  c.bert_dropout.update(dropout=0.25, attention_dropout=0.15)
+  bert = rt.load_pretrained(c).model_config.bert
+  assert (bert.dropout, bert.attention_dropout) == (0.25, 0.15)
+  assert (pretrain_cfg.model.bert.dropout, pretrain_cfg.model.bert.attention_dropout) != (0.25, 0.15)
+
+
 def test_an_official_pth_loads_the_same_weights(pretrained, tmp_path):
   pytest.importorskip("torch")
   workdir, _, state = pretrained
