@@ -44,8 +44,8 @@ from train_jax import sharding
 
 GATE_POINTS, GATE_SEEDS, VERDICT_SEEDS = 2.0, 3, 5
 
-# Positive control: hand-set margin offsets (config.fixed_margins) per group and per
-# variation, positive and negative.
+# Positive control: hand-set margin offsets (config.fixed_margins) per group, per
+# variation and per class (LDAM's n^(-1/4) prior, rarest class +1), positive and negative.
 CONTROL = {
     "minority+": {"group": (0.0, 0.15, 0.3)},
     "minority++": {"group": (0.0, 0.3, 0.6)},     # minority margins 0.65 / 0.95 (m0 0.35)
@@ -54,6 +54,8 @@ CONTROL = {
     "majority-": {"group": (-0.2, 0.0, 0.0)},
     "variations+": {"occlusion": 0.2, "blur": 0.2},
     "variations-": {"occlusion": -0.2, "blur": -0.2},
+    "rare+": {"class_prior": 0.3},                # the rarest identity +0.3, common ones below 0
+    "rare-": {"class_prior": -0.3},
 }
 
 
