@@ -8,6 +8,13 @@ augmentation), with per-channel coefficients A_g z from the identity code z (dim
 `code_dim`), then tanh and a per-group colour tint. Each image perturbs the code
 (z + jitter * noise) and adds pixel noise.
 
+Nuisance (expression / lighting-like). With `nuisance_dim` > 0 every image also adds
+N_g u, u ~ N(0, nuisance_scale^2 I) of dimension `nuisance_dim` drawn per image, through
+a nuisance matrix N_g mixed per group like A_g (below). Unlike the jitter, which moves the
+identity code itself and so cannot be undone, u lives in its own directions: an embedding
+can learn to discard it, but only from images of groups that render it, and only as far
+as the loss asks identities to be compact, so a group's margin can matter for it.
+
 Groups (ethnicity-like). Group g renders with its own matrix
   A_g = sqrt(1 - rho_g) A_shared + sqrt(rho_g) A_own_g,
 so with rho_0 = 0 the majority exercises only the shared subspace and a minority with
@@ -51,7 +58,7 @@ from face_jax.data import variations
 
 SPLITS = {"train": 1, "meta": 2, "test": 3}
 _SALT = {"code": 11, "count": 12, "groups": 13, "render": 14, "meta_ids": 15, "pairs": 16, "tint": 17,
-         "hard": 18, "degree": 19}
+         "hard": 18, "degree": 19, "nuisance": 20}
 META_IDENTITIES = ("train", "heldout")
 
 
@@ -107,6 +114,14 @@ class SyntheticFaces:
       own = _rng(self.seed, _SALT["groups"], 1 + g).normal(size=(c * k, d)) / np.sqrt(d)
       rho = float(cfg.group_specificity[g])
       self.mixing.append((np.sqrt(1 - rho) * shared + np.sqrt(rho) * own).astype(np.float32))
+    self.nuisance_mixing = []
+    nd = int(cfg.get("nuisance_dim", 0))
+    if nd:   # the same group structure as the identity's render matrices, own streams
+      shared = _rng(self.seed, _SALT["nuisance"], 0).normal(size=(c * k, nd)) / np.sqrt(nd)
+      for g in range(self.num_groups):
+        own = _rng(self.seed, _SALT["nuisance"], 1 + g).normal(size=(c * k, nd)) / np.sqrt(nd)
+        rho = float(cfg.group_specificity[g])
+        self.nuisance_mixing.append((np.sqrt(1 - rho) * shared + np.sqrt(rho) * own).astype(np.float32))
     self.tints = [_rng(self.seed, _SALT["tint"], g).uniform(-cfg.tint, cfg.tint, c).astype(np.float32)
                   for g in range(self.num_groups)]
     # Training identities: exact group counts, shuffled; variable image counts.
@@ -230,6 +245,10 @@ class SyntheticFaces:
       rng = _rng(self.seed, _SALT["render"], SPLITS[split], i)
       z = self.identity_code(y, g) + cfg.jitter * rng.normal(size=cfg.code_dim).astype(np.float32)
       codes.append(self.mixing[g] @ z)
+      if self.nuisance_mixing:   # a separate stream: worlds without nuisance stay as they were
+        u = _rng(self.seed, _SALT["nuisance"], SPLITS[split], i).normal(
+            size=self.nuisance_mixing[g].shape[1]).astype(np.float32)
+        codes[-1] = codes[-1] + self.nuisance_mixing[g] @ (cfg.nuisance_scale * u)
       rates = self.variation_rates(split, g)
       flags.append({v: bool(rng.random() < r) for v, r in zip(variations.VARIATIONS, rates)})
       rngs.append(rng)
