@@ -19,7 +19,10 @@ Variants (comma-separated, applied in order):
                        enough for the margin to bind (no hand-set margin moved its worst group)
   tight                after joint_bias: identities 2.3x tighter (jitter 0.15) and the
                        minorities more crowded, so the learned representation, not the
-                       rendering noise, limits accuracy (the bias study's world)
+                       rendering noise, limits accuracy
+  nuisance             after tight: every image adds a 16-d nuisance code in its own,
+                       group-mixed render directions, which a model can learn to discard
+                       only from its group's images
   paper                IResNet-100 on an MS1MV2-style .rec (insightface recipe); set
                        data.rec_prefix / meta_rec_prefix / val_bins to your files
 """
@@ -29,7 +32,7 @@ import ml_collections
 from configs import common
 
 VARIANTS = ("cosface", "arcface", "fixed_group_margins", "ldam", "balanced", "l2rw", "predicted",
-            "prototype", "mwnet", "joint_bias", "tight", "paper")
+            "prototype", "mwnet", "joint_bias", "tight", "nuisance", "paper")
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -187,6 +190,8 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     _joint_bias_world(c)
   elif variant == "tight":
     _tight_world(c)
+  elif variant == "nuisance":
+    _nuisance_world(c)
   elif variant == "paper":
     c.batch_size = 512
     c.total_steps = 20 * 5_822_653 // 512          # 20 epochs of MS1MV2
@@ -246,3 +251,18 @@ def _tight_world(c: ml_collections.ConfigDict) -> None:
   """
   _joint_bias_world(c)
   c.data.update(jitter=0.15, group_spread=(1.0, 0.55, 0.4))
+
+
+def _nuisance_world(c: ml_collections.ConfigDict) -> None:
+  """tight where within-identity variation is learnable, so the loss's pull matters.
+
+  In tight an untrained readout already keeps identity (identity is a smooth, nearly linear
+  function of the image), and margins moved the worst group by about half a point. Here
+  every image adds a 16-d nuisance code (std 0.5) in its own render directions, mixed per
+  group like the identity's (the minority's mostly its own): a random projection of the
+  pixels drops the minority from 78 to 62 % (majority 79 -> 77), and the model must learn
+  to discard it from the minority's 4 % of the images. Chosen on seed 100 (the study runs
+  seeds 0-4), the one setting probed: CosFace 96.0 / 87.6 / 71.8 per group.
+  """
+  _tight_world(c)
+  c.data.update(nuisance_dim=16, nuisance_scale=0.5)

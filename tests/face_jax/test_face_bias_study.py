@@ -122,3 +122,11 @@ def test_tight_world_is_joint_bias_with_tighter_identities():
   assert tight["data"]["jitter"] < joint["data"]["jitter"]
   assert all(t <= j for t, j in zip(tight["data"]["group_spread"], joint["data"]["group_spread"]))
   assert {k: v for k, v in joint.items() if k != "data"} == {k: v for k, v in tight.items() if k != "data"}
+
+
+def test_nuisance_world_is_tight_with_a_learnable_nuisance():
+  tight = bias_study.make_config("cosface", 0, "tight", 0).to_dict()
+  nuisance = bias_study.make_config("cosface", 0, "nuisance", 0).to_dict()
+  changed = {k for k in tight["data"] if tight["data"][k] != nuisance["data"][k]}
+  assert changed == {"nuisance_dim"} and nuisance["data"]["nuisance_dim"] > 0
+  assert {k: v for k, v in tight.items() if k != "data"} == {k: v for k, v in nuisance.items() if k != "data"}
