@@ -17,6 +17,12 @@
 #   mvcom      MvCoM default meta step (and plain step) lowering + compile
 #   base       `base` step (batch 8) lowering + XLA compile, layers scanned
 #   first_*2   a second as-is / levers pair of the empty-cache default run, if time is left
+#
+#   ROUNDS=N BEFORE=DIR benchmarks/compile_times.sh OUT_DIR [END_EPOCH_S]
+# runs only the default run's first step, as a before/after comparison in one run: N rounds
+# (default 2) of empty-cache runs of the older checkout DIR (e.g. `git archive <commit>`
+# unpacked; its own run.py), of this checkout, and of this checkout with the step compiled
+# after start-up (`--config.compile_ahead=False`), alternating; then each one's warm cache.
 # OUT_DIR gets results.jsonl (JSON lines, benchmarks/report.py), log.txt and summary.txt
 # (one line per item: how it ended and what it measured).
 set -uo pipefail
@@ -60,12 +66,40 @@ item() {
 }
 
 note "compile_times.sh at $(git rev-parse --short HEAD) ($(git status --porcelain | wc -l) uncommitted files), deadline $(date -u -d @"$END" +%H:%M:%S)"
+FS=("$PY" benchmarks/first_step.py --out "$RES")
+if [[ -n "${BEFORE:-}" ]]; then
+  note "before: $BEFORE ($(cat "$BEFORE/COMMIT" 2>/dev/null || echo 'commit unknown'))"
+  declare -A CACHE
+  for v in before after sync; do CACHE[$v]=$(mktemp -d /tmp/compile_times_cache.XXXX); done
+  MADE=("${CACHE[@]}")
+  variant() {   # variant NAME: the first_step.py flags of that variant (after its --cache)
+    case $1 in
+      before) echo "--root $BEFORE --label before -- ${RUN[*]}" ;;
+      after) echo "--label after -- ${RUN[*]}" ;;
+      sync) echo "--label after,compile_ahead=False -- ${RUN[*]} --config.compile_ahead=False" ;;
+    esac
+  }
+  for (( r = 1; r <= ${ROUNDS:-2}; r++ )); do
+    for v in before after sync; do
+      # Round 1 fills each variant's cache (the warm runs below read it); later rounds
+      # start from a new, empty one.
+      c=${CACHE[$v]}
+      if (( r > 1 )); then c=$(mktemp -d /tmp/compile_times_cache.XXXX); MADE+=("$c"); fi
+      item "cold_${v}_$r" 180 "${FS[@]}" --cache "$c" $(variant $v)
+    done
+  done
+  for v in before after sync; do
+    item "warm_$v" 120 "${FS[@]}" --cache "${CACHE[$v]}" $(variant $v)
+  done
+  rm -rf "${MADE[@]}"
+  note "done"
+  exit 0
+fi
 if [[ -n "${SIMLA_REF:-}" && -z "${SMOKE:-}" ]]; then
   item pair 600 env ${CACHE_SMALL:+JAX_COMPILATION_CACHE_DIR=$CACHE_SMALL} PY="$PY" \
     bash "${SPEED_PAIR:-../shared/reference/speed_pair.sh}"
 fi
 WARM=$(mktemp -d /tmp/compile_times_cache.XXXX)
-FS=("$PY" benchmarks/first_step.py --out "$RES")
 item first_cold 180 "${FS[@]}" --cache "$WARM" --label "default run, empty cache" -- "${RUN[@]}"
 item first_warm 120 "${FS[@]}" --cache "$WARM" --label "default run, warm cache" -- "${RUN[@]}"
 item first_levers 180 "${FS[@]}" --cold --label "default run, empty cache, levers" -- "${RUN[@]}" $LEVER_FLAGS

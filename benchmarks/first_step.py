@@ -32,10 +32,11 @@ DONE = "First train step done"
 
 
 def measure(run_args: list[str], cache: str, timeout_s: float,
-            program: list[str] | None = None, env: dict | None = None) -> dict:
+            program: list[str] | None = None, env: dict | None = None,
+            cwd: str = ROOT) -> dict:
   """Runs run.py until its first step is done; wall s, the loop's timings, child CPU s.
 
-  `program`: the command that runs run.py's main (default `python run.py`).
+  `program`: the command that runs run.py's main (default `python run.py`), in `cwd`.
   """
   workdir = tempfile.mkdtemp(prefix="first_step_")
   cmd = [*(program or [sys.executable, os.path.join(ROOT, "run.py")]),
@@ -43,7 +44,7 @@ def measure(run_args: list[str], cache: str, timeout_s: float,
   env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   wall, lines = None, []
   deadline = t0 + timeout_s
@@ -76,6 +77,8 @@ def main(argv=None):
   p.add_argument("--cache", default="", help="compilation cache directory for the run")
   p.add_argument("--cold", action="store_true", help="a new, empty compilation cache")
   p.add_argument("--timeout_s", type=float, default=900.0)
+  p.add_argument("--root", default=ROOT, help="the checkout whose run.py runs (e.g. an "
+                 "older commit's, for a before/after pair)")
   p.add_argument("--label", default="")
   p.add_argument("--out", default="", help="append the result as a JSON line to this file")
   p.add_argument("run_args", nargs="+", help="run.py's flags, after --")
@@ -84,12 +87,18 @@ def main(argv=None):
     p.error("give exactly one of --cold and --cache DIR")
   cache = tempfile.mkdtemp(prefix="xla_cache_") if args.cold else args.cache
   load_before = common.load()
-  r = measure(args.run_args, cache, args.timeout_s)
+  root = os.path.abspath(args.root)
+  r = measure(args.run_args, cache, args.timeout_s,
+              program=[sys.executable, os.path.join(root, "run.py")], cwd=root)
   record = dict(bench="first_step", label=args.label, run_args=args.run_args,
                 cache="empty" if args.cold else cache, load_before=load_before,
                 load_after=common.load(), **r)
+  # startup_s / wait_s: written by a loop that compiles during start-up (compile_ahead).
+  ahead = (f"start-up {r['startup_s']:.1f} s, then first step after {r['first_step_s'] - r['startup_s']:.1f} s"
+           f"{'; waited ' + format(r['wait_s'], '.1f') + ' s for the compile' if 'wait_s' in r else ''}; "
+           if "startup_s" in r else "")
   print(f"{args.label or 'run'}: first step done {r['wall_to_first_step_s']:.1f} s after "
-        f"launch (in-process {r['first_step_s']:.1f} s; lowering {r['lower_s']:.1f} s, XLA "
+        f"launch ({ahead}in-process {r['first_step_s']:.1f} s; lowering {r['lower_s']:.1f} s, XLA "
         f"compile {r['compile_s']:.1f} s; child CPU {r['child_cpu_s']:.1f} s; cache "
         f"{record['cache']}; load {load_before} -> {record['load_after']})", flush=True)
   common.append_result(args.out, record)

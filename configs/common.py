@@ -45,6 +45,9 @@ def base() -> ml_collections.ConfigDict:
   # compilation or evaluation) ends the run at once, as does a second signal.
   c.preemption_grace_s = 30.0
   c.progress_bar = True
+  # A fresh run lowers and compiles its train step in a thread while it initialises the
+  # state (train_jax/loop.py): start-up and the compile overlap on a CPU's cores.
+  c.compile_ahead = True
   # Mesh sizes; -1 takes the devices left over. data*fsdp*model = #devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.axis_rules = AXIS_RULES

@@ -69,15 +69,26 @@ def shardings_of(abstract_tree, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, tuple(map(tuple, rules)))
 
 
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args):
+def abstract_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
+  """(unboxed ShapeDtypeStructs carrying their shardings, the shardings) of `init_fn(*args)`,
+  without computing it: what a program can be lowered and compiled against."""
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = shardings_of(abstract, mesh, rules)
+  shaped = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(abstract), shardings)
+  return shaped, shardings
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args, shardings=None):
   """Runs `init_fn(*args)` under jit with out_shardings from its logical names.
 
   Returns (unboxed state, its shardings). Works for any pytree, e.g. a TrainState
   whose optimizer state was built from boxed params (optax keeps the boxes, so
-  moments inherit the params' shardings).
+  moments inherit the params' shardings). `shardings` (from `abstract_init`) skips
+  tracing `init_fn` a second time for them.
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = shardings_of(abstract, mesh, rules)
+  if shardings is None:
+    shardings = shardings_of(jax.eval_shape(init_fn, *args), mesh, rules)
   with jax.set_mesh(mesh):
     state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return state, shardings

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -60,6 +61,26 @@ def test_rerun_of_finished_run_resumes_without_new_lines(tmp_path):
   before = (tmp_path / "metrics.jsonl").read_text()
   loop.train_and_evaluate(config, str(tmp_path), tiny_task.make_task)
   assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_step_compiled_during_start_up_trains_exactly_as_compiled_after(tmp_path):
+  runs = {}
+  for ahead in (True, False):
+    config = tiny_task.get_config()
+    config.update(compile_ahead=ahead, total_steps=3, log_every_steps=1, eval_every_steps=3,
+                  checkpoint_every_steps=3)
+    state = loop.train_and_evaluate(config, str(tmp_path / str(ahead)), tiny_task.make_task)
+    compile_row = next(r for r in metrics_lib.read_metrics(str(tmp_path / str(ahead)))
+                       if "compile/first_step_s" in r)
+    runs[ahead] = state, _without_compile_rows(tmp_path / str(ahead)), compile_row
+  (state_a, rows_a, timed_a), (state_s, rows_s, timed_s) = runs[True], runs[False]
+  assert rows_a == rows_s
+  for a, s in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_s.params)):
+    np.testing.assert_array_equal(a, s)
+  # Only the compile ahead waits for a thread; both report start-up before the first step.
+  assert "compile/wait_s" in timed_a and "compile/wait_s" not in timed_s
+  for timed in (timed_a, timed_s):
+    assert 0 < timed["compile/startup_s"] < timed["compile/first_step_s"]
 
 
 @pytest.mark.slow
