@@ -18,11 +18,12 @@
 #   base       `base` step (batch 8) lowering + XLA compile, layers scanned
 #   first_*2   a second as-is / levers pair of the empty-cache default run, if time is left
 #
-#   ROUNDS=N BEFORE=DIR benchmarks/compile_times.sh OUT_DIR [END_EPOCH_S]
+#   ROUNDS=N BEFORE=DIR [VARIANTS="before after sync"] benchmarks/compile_times.sh OUT_DIR [END]
 # runs only the default run's first step, as a before/after comparison in one run: N rounds
-# (default 2) of empty-cache runs of the older checkout DIR (e.g. `git archive <commit>`
-# unpacked; its own run.py), of this checkout, and of this checkout with the step compiled
-# after start-up (`--config.compile_ahead=False`), alternating; then each one's warm cache.
+# (default 2) of empty-cache runs, alternating, of the variants: `before` the older checkout
+# DIR (e.g. `git archive <commit>` unpacked; its own run.py), `after` this checkout, `sync`
+# this checkout with the step compiled after start-up (`--config.compile_ahead=False`),
+# `dropout` this checkout with BERT dropout 0.1; each variant's warm cache after round 2.
 # OUT_DIR gets results.jsonl (JSON lines, benchmarks/report.py), log.txt and summary.txt
 # (one line per item: how it ended and what it measured).
 set -uo pipefail
@@ -69,36 +70,35 @@ note "compile_times.sh at $(git rev-parse --short HEAD) ($(git status --porcelai
 FS=("$PY" benchmarks/first_step.py --out "$RES")
 if [[ -n "${BEFORE:-}" ]]; then
   note "before: $BEFORE ($(cat "$BEFORE/COMMIT" 2>/dev/null || echo 'commit unknown'))"
+  VARIANTS=(${VARIANTS:-before after sync})
   declare -A CACHE
-  for v in before after sync; do CACHE[$v]=$(mktemp -d /tmp/compile_times_cache.XXXX); done
-  MADE=("${CACHE[@]}")
+  MADE=()
+  for v in "${VARIANTS[@]}"; do CACHE[$v]=$(mktemp -d /tmp/compile_times_cache.XXXX); MADE+=("${CACHE[$v]}"); done
   variant() {   # variant NAME: the first_step.py flags of that variant (after its --cache)
     case $1 in
       before) echo "--root $BEFORE --label before -- ${RUN[*]}" ;;
       after) echo "--label after -- ${RUN[*]}" ;;
       sync) echo "--label after,compile_ahead=False -- ${RUN[*]} --config.compile_ahead=False" ;;
+      dropout) echo "--label after,bert_dropout=0.1 -- ${RUN[*]} --config.model.bert.dropout=0.1 --config.model.bert.attention_dropout=0.1" ;;
+      *) echo "unknown variant $1" >&2; exit 2 ;;
     esac
   }
+  warm() { for v in "${VARIANTS[@]}"; do item "warm_$v" 120 "${FS[@]}" --cache "${CACHE[$v]}" $(variant $v); done; }
   for (( r = 1; r <= ${ROUNDS:-2}; r++ )); do
-    for v in before after sync; do
-      # Round 1 fills each variant's cache (the warm runs below read it); later rounds
-      # start from a new, empty one.
+    for v in "${VARIANTS[@]}"; do
+      # Round 1 fills each variant's cache (read by the warm runs, after round 2); later
+      # rounds start from a new, empty one.
       c=${CACHE[$v]}
       if (( r > 1 )); then c=$(mktemp -d /tmp/compile_times_cache.XXXX); MADE+=("$c"); fi
       item "cold_${v}_$r" 180 "${FS[@]}" --cache "$c" $(variant $v)
     done
-  done
-  for v in before after sync; do
-    item "warm_$v" 120 "${FS[@]}" --cache "${CACHE[$v]}" $(variant $v)
+    (( r == 2 || (r == ${ROUNDS:-2} && r < 2) )) && warm
   done
   rm -rf "${MADE[@]}"
   note "done"
   exit 0
 fi
-if [[ -n "${SIMLA_REF:-}" && -z "${SMOKE:-}" ]]; then
-  item pair 600 env ${CACHE_SMALL:+JAX_COMPILATION_CACHE_DIR=$CACHE_SMALL} PY="$PY" \
-    bash "${SPEED_PAIR:-../shared/reference/speed_pair.sh}"
-fi
+
 WARM=$(mktemp -d /tmp/compile_times_cache.XXXX)
 item first_cold 180 "${FS[@]}" --cache "$WARM" --label "default run, empty cache" -- "${RUN[@]}"
 item first_warm 120 "${FS[@]}" --cache "$WARM" --label "default run, warm cache" -- "${RUN[@]}"

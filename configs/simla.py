@@ -129,7 +129,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Two grain threads build the next two batches (64 examples) while XLA runs a step.
   c.data.loader.update(num_threads=2, prefetch_buffer_size=64)
   c.model.vit.update(width=128, depth=3, heads=4, mlp_dim=512)
-  c.model.bert.update(hidden=128, layers=3, heads=4, ffn=512)
+  # No BERT dropout at this size (1,000 steps from scratch): each dropout site adds mask and
+  # key-derivation kernels to the step XLA:CPU compiles (1,089 -> 856 kernels, -16 % compile
+  # CPU s); one full run without it: test R@1 49.5 / 41.5 re-ranked (46.5 / 40.0 with it),
+  # ITC-only 55.0 / 50.9 (58.0 / 51.8) (benchmarks/README.md, "first step").
+  c.model.bert.update(hidden=128, layers=3, heads=4, ffn=512, dropout=0.0,
+                      attention_dropout=0.0)
   # At 3 layers a scan saves no compile time and costs ~14 % step time (benchmarks/README.md,
   # "SIMLA compile time"); `paper` (model size base) scans.
   c.model.scan_layers = False
