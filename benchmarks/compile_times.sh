@@ -76,21 +76,25 @@ if [[ -n "${BEFORE:-}" ]]; then
   for v in "${VARIANTS[@]}"; do CACHE[$v]=$(mktemp -d /tmp/compile_times_cache.XXXX); MADE+=("${CACHE[$v]}"); done
   variant() {   # variant NAME: the first_step.py flags of that variant (after its --cache)
     case $1 in
-      before) echo "--root $BEFORE --label before -- ${RUN[*]}" ;;
-      after) echo "--label after -- ${RUN[*]}" ;;
-      sync) echo "--label after,compile_ahead=False -- ${RUN[*]} --config.compile_ahead=False" ;;
-      dropout) echo "--label after,bert_dropout=0.1 -- ${RUN[*]} --config.model.bert.dropout=0.1 --config.model.bert.attention_dropout=0.1" ;;
+      before) echo "--root $BEFORE -- ${RUN[*]}" ;;
+      after) echo "-- ${RUN[*]}" ;;
+      sync) echo "-- ${RUN[*]} --config.compile_ahead=False" ;;
+      dropout) echo "-- ${RUN[*]} --config.model.bert.dropout=0.1 --config.model.bert.attention_dropout=0.1" ;;
       *) echo "unknown variant $1" >&2; exit 2 ;;
     esac
   }
-  warm() { for v in "${VARIANTS[@]}"; do item "warm_$v" 120 "${FS[@]}" --cache "${CACHE[$v]}" $(variant $v); done; }
+  warm() {
+    for v in "${VARIANTS[@]}"; do
+      item "warm_$v" 120 "${FS[@]}" --cache "${CACHE[$v]}" --label "warm_$v" $(variant $v)
+    done
+  }
   for (( r = 1; r <= ${ROUNDS:-2}; r++ )); do
     for v in "${VARIANTS[@]}"; do
       # Round 1 fills each variant's cache (read by the warm runs, after round 2); later
       # rounds start from a new, empty one.
       c=${CACHE[$v]}
       if (( r > 1 )); then c=$(mktemp -d /tmp/compile_times_cache.XXXX); MADE+=("$c"); fi
-      item "cold_${v}_$r" 180 "${FS[@]}" --cache "$c" $(variant $v)
+      item "cold_${v}_$r" 180 "${FS[@]}" --cache "$c" --label "cold_${v}_$r" $(variant $v)
     done
     (( r == 2 || (r == ${ROUNDS:-2} && r < 2) )) && warm
   done
