@@ -8,32 +8,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "train_jax")
-
-# run.py's main with the loop tests' tiny task registered as a family (its step compiles in
-# about a second, where a SIMLA step takes minutes on this machine).
-_MAIN = f"""
-import sys
-sys.path[:0] = [{ROOT!r}, {TINY!r}]
-from absl import app
-import run
-run.FAMILIES["tiny"] = "tiny_task"
-app.run(run.main, argv=["run.py"] + sys.argv[1:])
-"""
+# run.py with the loop tests' tiny task as a family: its step compiles in about a second.
+RUN_PY_TINY = os.path.join(ROOT, "tests", "train_jax", "run_py_tiny.py")
+TINY_CONFIG = os.path.join(ROOT, "tests", "train_jax", "tiny_config.py")
 
 
-def _config_file(tmp_path):
-  path = tmp_path / "tiny_cfg.py"
-  path.write_text(f"import sys\nsys.path[:0] = [{ROOT!r}, {TINY!r}]\n"
-                  "from tiny_task import get_config\n")
-  return str(path)
-
-
-def _run(tmp_path, workdir, cache, *flags):
+def _run(workdir, cache, *flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)   # the flag alone decides
   out = subprocess.run(
-      [sys.executable, "-c", _MAIN, f"--config={_config_file(tmp_path)}",
+      [sys.executable, RUN_PY_TINY, f"--config={TINY_CONFIG}",
        f"--workdir={workdir}", f"--compile_cache={cache}", "--compile_cache_min_s=0", *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
@@ -52,7 +36,7 @@ def _compile_rows(workdir):
 
 def test_rerun_and_resume_compile_from_the_cache(tmp_path):
   cache = str(tmp_path / "cache")
-  first = _run(tmp_path, tmp_path / "a", cache)
+  first = _run(tmp_path / "a", cache)
   assert "Compiled the train step in" in first and cache in first
   after_first = _entries(cache)
   assert any(name.startswith("jit_train_step") for name in after_first)
@@ -65,7 +49,7 @@ def test_rerun_and_resume_compile_from_the_cache(tmp_path):
   # The run as if stopped after its step-8 checkpoint: a second process, same config and
   # cache; every program it compiles is found there, none is added.
   shutil.rmtree(tmp_path / "a" / "checkpoints" / "12")
-  resumed = _run(tmp_path, tmp_path / "a", cache)
+  resumed = _run(tmp_path / "a", cache)
   assert "Resumed from step 8" in resumed and "Compiled the train step in" in resumed
   assert _entries(cache) == after_first
   assert [r["step"] for r in _compile_rows(tmp_path / "a")] == [0, 8]
