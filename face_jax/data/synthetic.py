@@ -107,21 +107,10 @@ class SyntheticFaces:
       raise ValueError(f"data.meta_identities={cfg.meta_identities!r}; known: {META_IDENTITIES}")
     c, k, d = cfg.channels, cfg.frequencies ** 2, cfg.code_dim
     self.basis = _cosine_basis(cfg.image_size, cfg.frequencies).reshape(k, -1).astype(np.float32)
-    world = _rng(self.seed, _SALT["groups"], 0)
-    shared = world.normal(size=(c * k, d)) / np.sqrt(d)
-    self.mixing = []
-    for g in range(self.num_groups):
-      own = _rng(self.seed, _SALT["groups"], 1 + g).normal(size=(c * k, d)) / np.sqrt(d)
-      rho = float(cfg.group_specificity[g])
-      self.mixing.append((np.sqrt(1 - rho) * shared + np.sqrt(rho) * own).astype(np.float32))
-    self.nuisance_mixing = []
+    self.mixing = self._group_mixing(_SALT["groups"], c * k, d)
+    # The nuisance's render matrices: the same group structure, their own streams.
     nd = int(cfg.get("nuisance_dim", 0))
-    if nd:   # the same group structure as the identity's render matrices, own streams
-      shared = _rng(self.seed, _SALT["nuisance"], 0).normal(size=(c * k, nd)) / np.sqrt(nd)
-      for g in range(self.num_groups):
-        own = _rng(self.seed, _SALT["nuisance"], 1 + g).normal(size=(c * k, nd)) / np.sqrt(nd)
-        rho = float(cfg.group_specificity[g])
-        self.nuisance_mixing.append((np.sqrt(1 - rho) * shared + np.sqrt(rho) * own).astype(np.float32))
+    self.nuisance_mixing = self._group_mixing(_SALT["nuisance"], c * k, nd) if nd else []
     self.tints = [_rng(self.seed, _SALT["tint"], g).uniform(-cfg.tint, cfg.tint, c).astype(np.float32)
                   for g in range(self.num_groups)]
     # Training identities: exact group counts, shuffled; variable image counts.
@@ -243,8 +232,7 @@ class SyntheticFaces:
     codes, flags, degrees, rngs = [], [], [], []
     for i, y, g in zip(idx, ident, group):
       rng = _rng(self.seed, _SALT["render"], SPLITS[split], i)
-      z = self.identity_code(y, g) + cfg.jitter * rng.normal(size=cfg.code_dim).astype(np.float32)
-      codes.append(self.mixing[g] @ z)
+      codes.append(self.mixing[g] @ self._jittered_code(y, g, rng))
       if self.nuisance_mixing:   # a separate stream: worlds without nuisance stay as they were
         u = _rng(self.seed, _SALT["nuisance"], SPLITS[split], i).normal(
             size=self.nuisance_mixing[g].shape[1]).astype(np.float32)
@@ -280,14 +268,28 @@ class SyntheticFaces:
                   for v in variations.VARIATIONS})
     return out
 
+  def _group_mixing(self, salt: int, rows: int, dim: int) -> list[np.ndarray]:
+    """Per group, (rows, dim) sqrt(1 - rho_g) shared + sqrt(rho_g) own_g, rho_g the group's
+    `group_specificity`; the shared matrix from stream (salt, 0), group g's from (salt, 1 + g)."""
+    draw = lambda j: _rng(self.seed, salt, j).normal(size=(rows, dim)) / np.sqrt(dim)
+    shared, out = draw(0), []
+    for g in range(self.num_groups):
+      rho = float(self.cfg.group_specificity[g])
+      out.append((np.sqrt(1 - rho) * shared + np.sqrt(rho) * draw(1 + g)).astype(np.float32))
+    return out
+
+  def _jittered_code(self, y: int, g: int, rng: np.random.Generator) -> np.ndarray:
+    """Identity y's code with the image's jitter: the render stream `rng`'s first draw."""
+    return self.identity_code(y, g) + self.cfg.jitter * rng.normal(
+        size=self.cfg.code_dim).astype(np.float32)
+
   def latent_codes(self, split: str, idx) -> np.ndarray:
     """(b, code_dim) identity code + jitter of examples `idx`: what the renderer draws
     from, before the group's render matrix, variations and pixel noise. Verification on
     these codes bounds what any embedding can reach from identity alone."""
     idx = np.asarray(idx, np.int64).reshape(-1)
     ident, group = self.identities(split, idx)
-    return np.stack([self.identity_code(y, g) + self.cfg.jitter * _rng(
-        self.seed, _SALT["render"], SPLITS[split], i).normal(size=self.cfg.code_dim).astype(np.float32)
+    return np.stack([self._jittered_code(y, g, _rng(self.seed, _SALT["render"], SPLITS[split], i))
                      for i, y, g in zip(idx, ident, group)])
 
   def example(self, split: str, i: int) -> dict[str, np.ndarray]:
