@@ -51,6 +51,7 @@ CONTROL = {
     "minority++": {"group": (0.0, 0.3, 0.6)},     # minority margins 0.65 / 0.95 (m0 0.35)
     "minority-": {"group": (0.0, -0.15, -0.3)},
     "minority--": {"group": (0.0, -0.25, -0.5)},   # minority margins 0.1 / -0.15 (m0 0.35)
+    "minority---": {"group": (0.0, -0.35, -0.7)},  # minority margins 0 / -0.35
     "majority-": {"group": (-0.2, 0.0, 0.0)},
     "variations+": {"occlusion": 0.2, "blur": 0.2},
     "variations-": {"occlusion": -0.2, "blur": -0.2},
