@@ -4,14 +4,17 @@
   python -m face_jax.experiments.bias_study --stage=control --seeds=0,1,2,3,4 --results=R
   # 2. the arms (CosFace, ArcFace, baselines, MvCoM and its ablations)
   python -m face_jax.experiments.bias_study --stage=study --seeds=0,1,2,3,4 --results=R
-  # table, verdict and PNGs from what is in R (any subset of runs)
-  python -m face_jax.experiments.bias_study --stage=report --results=R [--out_dir=D]
+  # table, verdict and PNGs from what is in R (any subset of runs); --readme rewrites the
+  # README's <!-- mvcom:begin --> ... <!-- mvcom:end --> section with them
+  python -m face_jax.experiments.bias_study --stage=report --results=R [--out_dir=D --readme=README.md]
+  # all three in one command (what the README's table comes from)
+  python -m face_jax.experiments.bias_study --stage=all --world=nuisance --results=R --readme=README.md
   # no training: verification on the test images' latent identity codes (the ceiling)
   python -m face_jax.experiments.bias_study --stage=ceiling --seeds=0,1,2
 
 Every run is one JSON in --results named <arm>_seed<s>.json and is skipped when present,
 so a study can be resumed or grown. Each arm is configs/mvcom.py with the world variant
-(--world, default joint_bias) and the arm's changes; every run uses the task's own step and
+(--world, default nuisance) and the arm's changes; every run uses the task's own step and
 evaluator (face_jax/steps.py, face_jax/evaluators.py), trains --steps steps from seed s
 (world, init and sampling all from s) and evaluates the synthetic test pairs.
 
@@ -40,6 +43,7 @@ from face_jax import mvcom
 from face_jax import train
 from face_jax.data import synthetic
 from train_jax import optimizers
+from train_jax import readme_section
 from train_jax import sharding
 
 GATE_POINTS, GATE_SEEDS, VERDICT_SEEDS = 2.0, 3, 5
@@ -349,9 +353,9 @@ def plots(results: list[dict], gates: dict, out_dir: str) -> list[str]:
   return written
 
 
-def report(results: list[dict], out_dir: str = "") -> str:
+def report(results: list[dict], out_dir: str = "", rule: bool = True) -> str:
   gates = gate(results)
-  lines = [__doc__[__doc__.index("Reading rule"):].strip(), ""]
+  lines = [__doc__[__doc__.index("Reading rule"):].strip(), ""] if rule else []
   steps = sorted({r["steps"] for r in results})
   lines.append(f"{'/'.join(map(str, steps))} steps per run, accuracy in % (mean ± std over seeds); "
                "worst-CosFace: paired by seed")
@@ -377,41 +381,12 @@ def best_control(results) -> dict:
   return CONTROL[max(gains, key=gains.get)[len("fixed["):-1]]
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--stage", choices=("control", "study", "report", "ceiling"), default="report")
-  parser.add_argument("--arms", default="", help="comma-separated subset of the stage's arms")
-  parser.add_argument("--seeds", default="0,1,2,3,4")
-  parser.add_argument("--world", default="tight", help="configs/mvcom.py variant(s) of the world")
-  parser.add_argument("--steps", type=int, default=0, help="0: the world's total_steps")
-  parser.add_argument("--override", action="append", default=[],
-                      help="config assignment applied to every arm, e.g. data.jitter=0.4")
-  parser.add_argument("--fixed_best", default="", help="fixed_margins offsets as a Python dict; "
-                      "default: the best passing control setting in --results")
-  parser.add_argument("--results", default="runs/bias_study")
-  parser.add_argument("--out_dir", default="", help="report: where the PNGs go (default --results)")
-  args = parser.parse_args()
-  os.makedirs(args.results, exist_ok=True)
-  if args.stage == "report":
-    print(report(load_results(args.results), args.out_dir or args.results))
-    return
-  if args.stage == "ceiling":   # no training: the world's identity-code ceiling per seed
-    for seed in [int(s) for s in args.seeds.split(",")]:
-      acc = code_ceiling(make_config("cosface", seed, args.world, args.steps, args.override))
-      print(f"seed {seed} code ceiling: " + ", ".join(
-          f"{k[4:]} {100 * v:.2f}" for k, v in acc.items() if "_" not in k[4:]), flush=True)
-    return
-  arms = list(CONTROL_ARMS) if args.stage == "control" else list(ARMS)
-  arms = ["cosface", *[a for a in arms if a != "cosface"]]
-  if args.arms:
-    arms = args.arms.split(",")
-    unknown = set(arms) - set(ARMS) - set(CONTROL_ARMS)
-    if unknown:
-      raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {[*ARMS, *CONTROL_ARMS]}")
+def run_arms(arms, seeds, args) -> None:
+  """Trains every (arm, seed) whose JSON is not in --results yet, seed by seed."""
   fixed = ast.literal_eval(args.fixed_best) if args.fixed_best else best_control(load_results(args.results))
   if fixed is not None:
     ARMS["fixed_best"] = _fixed(fixed)
-  for seed in [int(s) for s in args.seeds.split(",")]:
+  for seed in seeds:
     context = {}
     for arm in arms:
       path = os.path.join(args.results, f"{arm}_seed{seed}.json")
@@ -435,7 +410,58 @@ def main():
       with open(path + ".tmp", "w") as f:
         json.dump(r, f)
       os.replace(path + ".tmp", path)
-  print(report(load_results(args.results), args.out_dir or args.results))
+
+
+def readme_body(results: list[dict], figures: list[str], readme: str) -> str:
+  """The README's generated section: table, control sweep, verdict, links to the PNGs."""
+  body = report(results, rule=False)               # the reading rule stays in the prose
+  rel = os.path.dirname(os.path.abspath(readme))
+  links = " · ".join(f"[{os.path.basename(p)}]({os.path.relpath(os.path.abspath(p), rel)})"
+                     for p in figures)
+  return f"```\n{body}\n```\n\nFigures: {links}\n" if links else f"```\n{body}\n```\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--stage", choices=("all", "control", "study", "report", "ceiling"),
+                      default="report", help="all: control, then study, then report")
+  parser.add_argument("--arms", default="", help="comma-separated subset of the stage's arms")
+  parser.add_argument("--seeds", default="0,1,2,3,4")
+  parser.add_argument("--world", default="nuisance", help="configs/mvcom.py variant(s) of the world")
+  parser.add_argument("--steps", type=int, default=0, help="0: the world's total_steps")
+  parser.add_argument("--override", action="append", default=[],
+                      help="config assignment applied to every arm, e.g. data.jitter=0.4")
+  parser.add_argument("--fixed_best", default="", help="fixed_margins offsets as a Python dict; "
+                      "default: the best passing control setting in --results")
+  parser.add_argument("--results", default="runs/bias_study")
+  parser.add_argument("--out_dir", default="", help="report: where the PNGs go (default --results)")
+  parser.add_argument("--readme", default="", help="report: README whose <!-- mvcom:begin --> ... "
+                      "<!-- mvcom:end --> section gets the table, verdict and figure links")
+  args = parser.parse_args()
+  os.makedirs(args.results, exist_ok=True)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  if args.stage == "ceiling":   # no training: the world's identity-code ceiling per seed
+    for seed in seeds:
+      acc = code_ceiling(make_config("cosface", seed, args.world, args.steps, args.override))
+      print(f"seed {seed} code ceiling: " + ", ".join(
+          f"{k[4:]} {100 * v:.2f}" for k, v in acc.items() if "_" not in k[4:]), flush=True)
+    return
+  stages = {"all": ("control", "study"), "report": ()}.get(args.stage, (args.stage,))
+  for stage in stages:
+    arms = list(CONTROL_ARMS) if stage == "control" else list(ARMS)
+    arms = ["cosface", *[a for a in arms if a != "cosface"]]
+    if args.arms:
+      arms = args.arms.split(",")
+      unknown = set(arms) - set(ARMS) - set(CONTROL_ARMS)
+      if unknown:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {[*ARMS, *CONTROL_ARMS]}")
+    run_arms(arms, seeds, args)
+  results = load_results(args.results)
+  out_dir = args.out_dir or args.results
+  print(report(results, out_dir))
+  if args.readme:
+    figures = sorted(glob.glob(os.path.join(out_dir, "*.png")))
+    readme_section.update_file(args.readme, "mvcom", readme_body(results, figures, args.readme))
 
 
 if __name__ == "__main__":

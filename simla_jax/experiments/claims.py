@@ -48,6 +48,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from simla_jax.experiments import stats
+from train_jax import readme_section
 
 LOSSES = ("itc", "itm", "mlm", "mim", "psl")
 
@@ -382,18 +383,6 @@ def plots(results: Mapping[str, Mapping[int, dict]], out: str) -> list[str]:
   return paths
 
 
-BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
-
-
-def replace_section(text: str, body: str) -> str:
-  """`text` with what lies between BEGIN and END replaced by `body`."""
-  if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-    raise ValueError(f"claims: the README needs one {BEGIN} ... {END} section")
-  head, rest = text.split(BEGIN)
-  _, tail = rest.split(END)
-  return f"{head}{BEGIN}\n{body}{END}{tail}"
-
-
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -455,10 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   paths = plots(results, args.figures or args.out)
   print(text + "\n" + "\n".join(paths))
   if args.readme:
-    with open(args.readme) as f:
-      readme = f.read()
-    with open(args.readme, "w") as f:
-      f.write(replace_section(readme, text))
+    readme_section.update_file(args.readme, "claims", text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The study's arms build valid configs; the gate and the verdict follow the reading rule;
 the report writes its table and figures."""
 
+import json
+import sys
+
 import numpy as np
 import pytest
 
@@ -130,3 +133,46 @@ def test_nuisance_world_is_tight_with_a_learnable_nuisance():
   changed = {k for k in tight["data"] if tight["data"][k] != nuisance["data"][k]}
   assert changed == {"nuisance_dim"} and nuisance["data"]["nuisance_dim"] > 0
   assert {k: v for k, v in tight.items() if k != "data"} == {k: v for k, v in nuisance.items() if k != "data"}
+
+
+def test_report_stage_rewrites_the_readme_section(tmp_path, monkeypatch):
+  results = tmp_path / "runs"
+  results.mkdir()
+  for r in ([_result("cosface", s, 0.80) for s in range(3)]
+            + [_result("fixed[minority-]", s, 0.77) for s in range(3)]):
+    (results / f"{r['arm']}_seed{r['seed']}.json").write_text(json.dumps(r))
+  readme = tmp_path / "README.md"
+  readme.write_text("prose\n<!-- mvcom:begin -->\nold table\n<!-- mvcom:end -->\nmore prose\n")
+  monkeypatch.setattr(sys, "argv", ["bias_study", "--stage=report", f"--results={results}",
+                                    f"--out_dir={tmp_path / 'figs'}", f"--readme={readme}"])
+  bias_study.main()
+  text = readme.read_text()
+  assert text.startswith("prose\n<!-- mvcom:begin -->\n```\n") and text.endswith("more prose\n")
+  assert "old table" not in text and "Reading rule" not in text
+  assert "control fixed[minority-]: worst group - CosFace per seed -3.00, -3.00, -3.00  PASSES" in text
+  assert "[control.png](figs/control.png)" in text
+
+
+def test_stage_all_runs_the_control_then_the_arms_with_the_best_passing_control(tmp_path, monkeypatch):
+  trained = []
+
+  def fake_run_arm(arm, config):
+    trained.append((arm, config.seed, config.method, tuple(config.fixed_margins.group)))
+    r = _result(arm, config.seed, 0.83 if config.fixed_margins.group[2] == 0.3 else 0.80)
+    if arm == "mvcom":
+      r["margins"] = {"group": [0.0, 0.05, 0.1]}
+    return r
+
+  monkeypatch.setattr(bias_study, "run_arm", fake_run_arm)
+  monkeypatch.setitem(bias_study.ARMS, "fixed_best", None)
+  monkeypatch.setattr(sys, "argv", ["bias_study", "--stage=all", "--seeds=0,1,2",
+                                    f"--results={tmp_path}", "--world=joint_bias"])
+  bias_study.main()
+  arms = [a for a, *_ in trained]
+  assert len(trained) == 3 * (len(bias_study.CONTROL_ARMS) + len(bias_study.ARMS))
+  assert max(arms.index(a) for a in bias_study.CONTROL_ARMS) < min(
+      i for i, a in enumerate(arms) if a in bias_study.ARMS and a != "cosface")
+  assert {g for a, _, _, g in trained if a == "fixed_best"} == {bias_study.CONTROL["minority+"]["group"]}
+  assert len(list(tmp_path.glob("*_seed*.json"))) == len(trained)
+  bias_study.main()                      # everything is there: nothing is trained again
+  assert len(trained) == 3 * (len(bias_study.CONTROL_ARMS) + len(bias_study.ARMS))

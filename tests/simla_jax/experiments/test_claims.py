@@ -112,13 +112,6 @@ def test_runs_of_different_lengths_are_not_paired():
   assert "| ALBEF | 0 | 1000 |" in claims.report(results)
 
 
-def test_readme_section_is_replaced():
-  text = f"a\n{claims.BEGIN}\nold\n{claims.END}\nb\n"
-  assert claims.replace_section(text, "new\n") == f"a\n{claims.BEGIN}\nnew\n{claims.END}\nb\n"
-  with pytest.raises(ValueError, match="claims:begin"):
-    claims.replace_section("no markers", "x")
-
-
 def test_dvae_arm_gets_a_random_dvae_that_its_config_loads(tmp_path, monkeypatch):
   commands = []
 
