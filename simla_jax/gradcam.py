@@ -11,7 +11,8 @@
 probabilities (b, heads, L, 1+N) of BERT layer `layer`; with the [CLS] image column
 dropped, Grad-CAM = probs * clamp(grad, 0), padding text rows zeroed, then the mean
 over heads and over all L text rows (padding counted in the denominator), on the patch
-grid. `itc`: the ITC similarity image . text / temp differentiated with respect to the
+grid (ALBEF, `model.architecture="albef"`: only its fusion layers, `cross_layers`, have
+cross-attention and maps). `itc`: the ITC similarity image . text / temp differentiated with respect to the
 ViT self-attention of block `block`; its [CLS] row to the patches, probs * clamp(grad,
 0), mean over heads.
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simla_jax.models import SIMLA
+from simla_jax.models import simla as simla_lib
 from simla_jax.models import vit as vit_lib
 
 MODES = ("itm", "itc")
@@ -41,24 +43,44 @@ def check_layer(index: int, depth: int, what: str) -> int:
   return int(index) % depth
 
 
+def cross_layers(model: SIMLA) -> range:
+  """The BERT layers with cross-attention, whose maps the itm mode has: every layer
+  (SIMLA), ALBEF's fusion layers [fusion_start, layers) (its text layers have none)."""
+  start = simla_lib.fusion_start(model.config)
+  return range(start or 0, model.config.bert.layers)
+
+
+def check_itm_layer(model: SIMLA, index: int, what: str) -> int:
+  """`check_layer` over the BERT depth, and the layer must cross-attend (ALBEF)."""
+  layer = check_layer(index, model.config.bert.layers, what)
+  cross = cross_layers(model)
+  if layer not in cross:
+    raise ValueError(f"{what} {index} (layer {layer}) has no cross-attention: ALBEF's "
+                     f"layers 0..{cross[0] - 1} are text-only, its fusion layers are "
+                     f"{cross[0]}..{cross[-1]}")
+  return layer
+
+
 def _hooked_layers(tree: Any, unrolled: tuple[str, ...], scanned: tuple[str, ...],
-                   depth: int) -> jax.Array:
-  """Every layer's hooked array, stacked (depth, ...), from an "intermediates" /
-  "perturbations" tree, unrolled (`<module>/<layer>_<i>/...`) or scanned (`scanned`
-  path, already with a leading `layers` axis)."""
+                   indices: range) -> jax.Array:
+  """The hooked arrays of layers `indices`, stacked (len(indices), ...), from an
+  "intermediates" / "perturbations" tree, unrolled (`<module>/<layer>_<i>/...`) or scanned
+  (`scanned` path, already with a leading `layers` axis, holding exactly those layers)."""
   def get(path):
     node = tree
     for key in path:
       node = node[key]
     return node[0] if isinstance(node, tuple) else node   # sow keeps a tuple
   module, layer, *rest = unrolled
-  if f"{layer}_0" in tree.get(module, {}):
-    return jnp.stack([get((module, f"{layer}_{i}", *rest)) for i in range(depth)])
+  if f"{layer}_{indices[0]}" in tree.get(module, {}):
+    return jnp.stack([get((module, f"{layer}_{i}", *rest)) for i in indices])
   return get(scanned)
 
 
 _BERT = (("bert", "layer", "crossattention", "probs"),
          ("bert", "encoder", "layer", "crossattention", "probs"))
+# ALBEF scanned: the fusion layers are a stack of their own.
+_BERT_FUSION = (_BERT[0], ("bert", "fusion_encoder", "layer", "crossattention", "probs"))
 _VIT = (("vit", "block", "attn", "probs"), ("vit", "blocks", "attn", "probs"))
 
 
@@ -70,7 +92,7 @@ def _zero_perturbations(fn, params, *args) -> Any:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _probs_and_grads(apply, params, unrolled_scanned, depth, *args):
+def _probs_and_grads(apply, params, unrolled_scanned, indices, *args):
   """(probs, d score.sum() / d probs) of every hooked layer, (depth, b, heads, q, k) each;
   `apply(variables, *args, mutable)` returns (per-example score (b,), state)."""
   zeros = _zero_perturbations(apply, params, *args)
@@ -82,8 +104,8 @@ def _probs_and_grads(apply, params, unrolled_scanned, depth, *args):
 
   grads, inter = jax.grad(total, has_aux=True)(zeros)
   unrolled, scanned = unrolled_scanned
-  return (_hooked_layers(inter, unrolled, scanned, depth),
-          _hooked_layers(grads, unrolled, scanned, depth))
+  return (_hooked_layers(inter, unrolled, scanned, indices),
+          _hooked_layers(grads, unrolled, scanned, indices))
 
 
 def itm_cam(probs_b_h_l_k: jax.Array, grads_b_h_l_k: jax.Array,
@@ -109,10 +131,11 @@ def _to_grid(cam_n: jax.Array) -> jax.Array:
 
 def itm_gradcam(model: SIMLA, params, images, ids, mask, layer: int | None) -> jax.Array:
   """ITM Grad-CAM maps (b, g, g) of (image, expression) pairs at BERT layer `layer`;
-  `layer=None`: every layer's, (layers, b, g, g), from the same forward and backward."""
-  depth = model.config.bert.layers
+  `layer=None`: every cross-attending layer's (`cross_layers`: all of SIMLA's, ALBEF's
+  fusion layers), (len(cross_layers), b, g, g), from the same forward and backward."""
+  cross = cross_layers(model)
   if layer is not None:
-    layer = check_layer(layer, depth, "grounding BERT layer")
+    layer = check_itm_layer(model, layer, "grounding BERT layer")
 
   def match_logit(module: SIMLA, images, ids, mask):
     image_seq = module.embed_image(images)
@@ -122,9 +145,10 @@ def itm_gradcam(model: SIMLA, params, images, ids, mask, layer: int | None) -> j
   def apply(variables, *args, mutable):
     return model.apply(variables, *args, method=match_logit, mutable=mutable)
 
-  probs, grads = _probs_and_grads(apply, params, _BERT, depth, images, ids, mask)
+  paths = _BERT if cross[0] == 0 else _BERT_FUSION
+  probs, grads = _probs_and_grads(apply, params, paths, cross, images, ids, mask)
   maps = _to_grid(jax.vmap(itm_cam, in_axes=(0, 0, None))(probs, grads, mask))
-  return maps if layer is None else maps[layer]
+  return maps if layer is None else maps[layer - cross[0]]
 
 
 def itc_gradcam(model: SIMLA, params, images, ids, mask, block: int | None) -> jax.Array:
@@ -143,7 +167,7 @@ def itc_gradcam(model: SIMLA, params, images, ids, mask, block: int | None) -> j
   def apply(variables, *args, mutable):
     return model.apply(variables, *args, method=similarity, mutable=mutable)
 
-  probs, grads = _probs_and_grads(apply, params, _VIT, depth, images, ids, mask)
+  probs, grads = _probs_and_grads(apply, params, _VIT, range(depth), images, ids, mask)
   maps = _to_grid(jax.vmap(itc_cam)(probs, grads))
   return maps if block is None else maps[block]
 

@@ -3,6 +3,7 @@
   python -m simla_jax.experiments.claims                            # every arm, seeds 0-2
   python -m simla_jax.experiments.claims --arms=simla,albef --seeds=0   # a part of it
   python -m simla_jax.experiments.claims --report_only              # table + PNGs only
+  python -m simla_jax.experiments.claims --downstream=grounding,ve  # + entailment per run
 
 Each (arm, seed) trains `configs/simla.py` (`:albef` for ALBEF) with the arm's changes in a
 subprocess, into <out>/<arm>/seed<k>. A run whose result.json exists is skipped; an
@@ -11,6 +12,16 @@ recorded evaluation). Then <out>/claims.md (the README table and verdicts), abla
 and compute.png (into `--figures`, default <out>) are written from every result.json found;
 `--readme` also replaces the README's text between `<!-- claims:begin -->` and
 `<!-- claims:end -->`.
+
+Downstream (`--downstream`, after training; never with `--report_only`, which reports what
+exists): from each finished run's checkpoint, `grounding` (default) scores zero-shot
+Grad-CAM grounding (`configs/simla_grounding.py`, `eval_only`, every BERT layer and ViT
+block on val and test; the ITM layer and ITC block are chosen on val per run, test read
+at that choice) and `ve` (asked for: ~350 CPU s a run) fine-tunes visual entailment with
+`configs/simla_ve.py`'s recipe (test accuracy at the last step). Each runs in a subprocess
+of run.py with its workdir under <out>/downstream/<arm>/seed<k>; the summary is cached in
+the run dir as grounding0shot.json / ve.json (present: skipped). The downstream table
+reports them next to the verdicts, which stay on test R@1.
 
 Arms: the loss ablation in the paper's order (Table 1: ITM, +ITC, +MLM, +MIM, +PSL = full
 SIMLA), ALBEF (`model.architecture="albef"`: ITC + ITM + MLM, text / fusion split of the same
@@ -41,11 +52,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
 import time
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from simla_jax.experiments import stats
 from train_jax import readme_section
@@ -165,6 +179,9 @@ def run_one(arm: str, seed: int, out: str, *, steps: int = 0, evals: int = EVALS
   os.makedirs(workdir, exist_ok=True)
   config = arm_config(arm, seed, steps=steps, evals=evals, dvae_weights=dvae_weights,
                       dvae_n_hid=dvae_n_hid)
+  # As run.py's: the fine-tuning configs read the network from it (`init.checkpoint`).
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
   flops_path = os.path.join(out, arm, "flops.json")
   if not os.path.exists(flops_path):
     with open(flops_path, "w") as f:
@@ -226,6 +243,10 @@ def load_results(out: str) -> dict[str, dict[int, dict]]:
       if name.startswith("seed") and os.path.exists(path):
         with open(path) as f:
           r = json.load(f)
+        for task, file in DOWNSTREAM.items():     # blank in the report when absent
+          if os.path.exists(os.path.join(d, name, file)):
+            with open(os.path.join(d, name, file)) as f:
+              r[task] = json.load(f)
         results.setdefault(arm, {})[int(r["seed"])] = r
   return results
 
@@ -257,6 +278,152 @@ def launch(out: str, arm: str, seed: int, args) -> dict:
   return result
 
 
+# --------------------------------------------------------------------------- downstream
+DOWNSTREAM = {"grounding": "grounding0shot.json", "ve": "ve.json"}   # cached in the run dir
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def downstream_dir(out: str, arm: str, seed: int) -> str:
+  """The fine-tuning workdirs of one run (kept apart from the run dir, which only gains
+  the cached result files)."""
+  return os.path.join(out, "downstream", arm, f"seed{seed}")
+
+
+def init_workdir(out: str, arm: str, seed: int, result: Mapping[str, Any]) -> str:
+  """A pretraining workdir the fine-tuning configs read as `init.checkpoint`: the run dir
+  when it has a config.json (`run_one` writes one), else <downstream>/init holding the run's
+  config (`arm_config`: the same network) and a link to the run's checkpoints."""
+  rd = run_dir(out, arm, seed)
+  if os.path.exists(os.path.join(rd, "config.json")):
+    return rd
+  init = os.path.join(downstream_dir(out, arm, seed), "init")
+  os.makedirs(init, exist_ok=True)
+  with open(os.path.join(init, "config.json"), "w") as f:
+    f.write(arm_config(arm, seed, steps=int(result["steps"]),
+                       dvae_weights=result.get("dvae_weights") or "").to_json_best_effort(indent=2))
+  link = os.path.join(init, "checkpoints")
+  if not os.path.islink(link):
+    os.symlink(os.path.abspath(os.path.join(rd, "checkpoints")), link)
+  return init
+
+
+def downstream_command(task: str, init: str, workdir: str) -> list[str]:
+  """run.py on the task's config from checkpoint `init`. grounding: zero-shot (eval_only),
+  every BERT layer and ViT block scored on val and test; ve: the VE config's recipe."""
+  if task == "grounding":
+    flags = ["--config=configs/simla_grounding.py", "--config.eval_only=True",
+             "--config.grounding.all_layers=True", "--config.grounding.also_itc=True",
+             "--config.grounding.heatmaps=0"]
+  elif task == "ve":
+    flags = ["--config=configs/simla_ve.py", "--config.progress_bar=False"]
+  else:
+    raise ValueError(f"claims: unknown downstream task {task!r}; choose from "
+                     f"{', '.join(DOWNSTREAM)}")
+  return [sys.executable, os.path.join(REPO, "run.py"), *flags,
+          f"--config.init.checkpoint={os.path.abspath(init)}",
+          f"--workdir={os.path.abspath(workdir)}"]
+
+
+def select_layer(metrics: Mapping[str, float], mode: str) -> dict:
+  """The `mode` (itm / itc) layer with the highest val accuracy among the scored
+  `val_<mode><k>_acc` (ALBEF's itm: its fusion layers only; ties go to the deeper layer,
+  the configs' default being the last), and its test accuracy: test is read at that
+  choice only."""
+  pattern = re.compile(rf"val_{mode}(\d+)_acc")
+  layers = sorted(int(m.group(1)) for k in metrics if (m := pattern.fullmatch(k)))
+  if not layers:
+    raise ValueError(f"claims: no val_{mode}<k>_acc in the grounding metrics (run with "
+                     f"grounding.all_layers=True)")
+  best = max(layers, key=lambda k: (metrics[f"val_{mode}{k}_acc"], k))
+  return dict(layer=best, val_acc=float(metrics[f"val_{mode}{best}_acc"]),
+              test_acc=float(metrics[f"test_{mode}{best}_acc"]), layers=layers)
+
+
+def grounding_summary(metrics: Mapping[str, float], step: int) -> dict:
+  """grounding0shot.json: both modes' val-chosen layer and test accuracy, the box
+  baselines, every metric of the evaluation."""
+  return dict(step=int(step), itm=select_layer(metrics, "itm"),
+              itc=select_layer(metrics, "itc"),
+              test_largest_acc=float(metrics["test_largest_acc"]),
+              test_random_acc=float(metrics["test_random_acc"]), metrics=dict(metrics))
+
+
+def ve_summary(rows: Sequence[Mapping[str, Any]]) -> dict:
+  """ve.json: accuracy at the last step (the test split is scored there only)."""
+  final = [r for r in rows if "eval/test_acc" in r]
+  if not final:
+    raise ValueError("claims: the VE run has no eval/test_acc (did it reach total_steps?)")
+  last = final[-1]
+  metrics = {k.removeprefix("eval/"): float(v) for k, v in last.items() if k.startswith("eval/")}
+  return dict(step=int(last["step"]), test_acc=metrics["test_acc"],
+              val_acc=metrics.get("val_acc", math.nan),
+              test_majority_acc=metrics.get("test_majority_acc", math.nan), metrics=metrics)
+
+
+def run_downstream(out: str, arm: str, seed: int, task: str, result: Mapping[str, Any]) -> dict:
+  """Task `task` from the checkpoint of a finished run, in a subprocess; its summary is
+  cached in <run dir>/<DOWNSTREAM[task]> (returned as is when present; an interrupted VE
+  run resumes from its workdir's checkpoint)."""
+  path = os.path.join(run_dir(out, arm, seed), DOWNSTREAM[task])
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  init = init_workdir(out, arm, seed, result)
+  workdir = os.path.join(downstream_dir(out, arm, seed), task)
+  os.makedirs(workdir, exist_ok=True)
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.monotonic()
+  log = os.path.join(downstream_dir(out, arm, seed), f"{task}.log")
+  with open(log, "a") as f:
+    code = subprocess.call(downstream_command(task, init, workdir), stdout=f,
+                           stderr=subprocess.STDOUT, cwd=REPO)
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if code:
+    raise RuntimeError(f"claims: {task} of {arm} seed {seed} failed (exit {code}); see {log}")
+  from train_jax import metrics as metrics_lib
+  rows = metrics_lib.read_metrics(workdir)
+  if task == "grounding":
+    last = [r for r in rows if any(k.startswith("eval/") for k in r)][-1]
+    summary = grounding_summary({k.removeprefix("eval/"): float(v) for k, v in last.items()
+                                 if k.startswith("eval/")}, last["step"])
+  else:
+    summary = ve_summary(rows)
+  summary["process"] = dict(
+      wall_s=time.monotonic() - t0,
+      cpu_s=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+      loadavg=open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg")
+      else [])
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def downstream_all(out: str, arms: Sequence[str], seeds: Sequence[int],
+                   tasks: Sequence[str]) -> None:
+  """`run_downstream` of every task for the finished runs of the request, one at a time."""
+  unknown = [t for t in tasks if t not in DOWNSTREAM]
+  if unknown:
+    raise ValueError(f"claims: unknown downstream tasks {unknown}; choose from "
+                     f"{list(DOWNSTREAM)}")
+  for arm in arms:
+    for seed in seeds:
+      path = os.path.join(run_dir(out, arm, seed), "result.json")
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        result = json.load(f)
+      for task in tasks:
+        if os.path.exists(os.path.join(run_dir(out, arm, seed), DOWNSTREAM[task])):
+          continue
+        print(f"claims: {task} of {arm} seed {seed} ...", flush=True)
+        d = run_downstream(out, arm, seed, task, result)
+        acc = (f"itm layer {d['itm']['layer']} test {d['itm']['test_acc']:.1f} %, itc block "
+               f"{d['itc']['layer']} test {d['itc']['test_acc']:.1f} %" if task == "grounding"
+               else f"test {d['test_acc']:.1f} %")
+        print(f"claims: {task} of {arm} seed {seed}: {acc}, {d['process']['wall_s']:.0f} s "
+              f"wall, {d['process']['cpu_s']:.0f} CPU s", flush=True)
+
+
 # --------------------------------------------------------------------------- report
 def same_budget(a: Mapping[int, dict], b: Mapping[int, dict]) -> tuple[dict, dict]:
   """The runs of two arms restricted to the seeds both ran with the same total_steps: only
@@ -265,21 +432,30 @@ def same_budget(a: Mapping[int, dict], b: Mapping[int, dict]) -> tuple[dict, dic
   return {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
 
 
-def _test_diffs(a: Mapping[int, dict], b: Mapping[int, dict]):
+def _diffs(a: Mapping[int, dict], b: Mapping[int, dict], value) -> np.ndarray:
+  """Paired differences of `value(run)` (a - b) over the seeds both arms ran with the same
+  budget and both have a value for (not nan)."""
   a, b = same_budget(a, b)
-  return stats.paired_differences({s: r1(r["final"], "test") for s, r in a.items()},
-                                  {s: r1(r["final"], "test") for s, r in b.items()})
+  values = lambda runs: {s: v for s, r in runs.items() if not math.isnan(v := value(r))}
+  return stats.paired_differences(values(a), values(b))
+
+
+def _test_diffs(a: Mapping[int, dict], b: Mapping[int, dict]):
+  return _diffs(a, b, lambda r: r1(r["final"], "test"))
+
+
+def _delta(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None, value) -> str:
+  """"mean ± std (verdict)" of the paired differences vs SIMLA, "–" when there are none."""
+  if ref is None or arm == "simla":
+    return "–"
+  d = _diffs(runs, ref, value)
+  return f"{stats.fmt(*stats.mean_std(d))} ({stats.verdict(d)})" if d.size else "–"
 
 
 def _arm_row(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None) -> list[str]:
   finals = {s: r["final"] for s, r in runs.items()}
   cell = lambda f: stats.fmt(*stats.mean_std([f(m) for m in finals.values()]))
-  test = {s: r1(m, "test") for s, m in finals.items()}
-  delta = "–"
-  if ref is not None and arm != "simla":
-    d = _test_diffs(runs, ref)
-    if d.size:
-      delta = f"{stats.fmt(*stats.mean_std(d))} ({stats.verdict(d)})"
+  delta = _delta(arm, runs, ref, lambda r: r1(r["final"], "test"))
   runs_ = list(runs.values())
   gflops = runs_[0]["flops_per_step"] / 1e9
   wall = stats.fmt(*stats.mean_std([r["final"]["train_wall_s"] for r in runs_]), digits=0)
@@ -324,8 +500,67 @@ HEADER = ["arm", "seeds", "steps", "test TR R@1", "test IR R@1", "test R@1",
           "GFLOPs / step", "train wall s"]
 
 
+def downstream_value(task: str, key: str):
+  """run -> a downstream accuracy (nan when the run has no such result): key "itm" / "itc"
+  (grounding, test at the val-chosen layer) or "test_acc" (ve)."""
+  def value(r: Mapping[str, Any]) -> float:
+    d = r.get(task)
+    if not d:
+      return math.nan
+    return float(d[key]["test_acc"] if task == "grounding" else d[key])
+  return value
+
+
+DOWNSTREAM_HEADER = ["arm", "grounding seeds", "grounding ITM test acc",
+                     "ITM layer (val-chosen, per seed)", "Δ ITM vs SIMLA (paired)",
+                     "grounding ITC test acc", "ITC block (val-chosen, per seed)",
+                     "Δ ITC vs SIMLA (paired)", "VE seeds", "VE test acc", "Δ VE vs SIMLA (paired)"]
+
+
+def _downstream_row(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None):
+  grounded = {s: r for s, r in sorted(runs.items()) if r.get("grounding")}
+  ve = {s: r for s, r in sorted(runs.items()) if r.get("ve")}
+  seeds = lambda rs: ",".join(str(s) for s in rs) or "–"
+  cells = [ARMS[arm].label, seeds(grounded)]
+  for mode in ("itm", "itc"):
+    value = downstream_value("grounding", mode)
+    cells += [stats.fmt(*stats.mean_std([value(r) for r in grounded.values()])),
+              ",".join(str(r["grounding"][mode]["layer"]) for r in grounded.values()) or "–",
+              _delta(arm, runs, ref, value)]
+  value = downstream_value("ve", "test_acc")
+  cells += [seeds(ve), stats.fmt(*stats.mean_std([value(r) for r in ve.values()])),
+            _delta(arm, runs, ref, value)]
+  return cells
+
+
+def downstream_report(results: Mapping[str, Mapping[int, dict]]) -> list[str]:
+  """The downstream table (every arm; "–" where a run has no downstream result), the
+  grounding box baselines and the reading note."""
+  ref = results.get("simla")
+  lines = ["| " + " | ".join(DOWNSTREAM_HEADER) + " |", "|" + "---|" * len(DOWNSTREAM_HEADER)]
+  for arm in ARMS:
+    if arm in results:
+      lines.append("| " + " | ".join(_downstream_row(arm, results[arm], ref)) + " |")
+  grounded = [r["grounding"] for runs in results.values() for r in runs.values()
+              if r.get("grounding")]
+  lines.append("")
+  if grounded:
+    lines.append(f"Grounding test baselines: a random proposal "
+                 f"{grounded[0]['test_random_acc']:.1f} %, the largest proposal "
+                 f"{grounded[0]['test_largest_acc']:.1f} %.")
+  lines.append(
+      "Reading note: the claims' verdicts stay on test R@1 (the rule was fixed before the "
+      "numbers); the downstream columns are reported with their paired differences vs "
+      "SIMLA (same 2-standard-error rule) and decide no claim. Grounding: zero-shot Grad-CAM "
+      "(`configs/simla_grounding.py`, `eval_only`) from each run's final checkpoint, the ITM "
+      "layer (ALBEF: its fusion layers, the only ones with cross-attention) and the ITC "
+      "block chosen on val per run, test read at that choice. VE: `configs/simla_ve.py` "
+      "fine-tuning from each run's checkpoint, test accuracy at the last step.")
+  return lines
+
+
 def report(results: Mapping[str, Mapping[int, dict]]) -> str:
-  """The markdown table and the verdicts."""
+  """The markdown table, the verdicts and the downstream table."""
   ref = results.get("simla")
   lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
   for arm in ARMS:
@@ -334,7 +569,9 @@ def report(results: Mapping[str, Mapping[int, dict]]) -> str:
   v = claim_verdicts(results)
   lines += ["", f"- Claim 1 (every added objective helps): **{v['1']}**.",
             f"- Claim 2 (SIMLA beats ALBEF at the same data and steps): **{v['2']}**.",
-            f"- Claim 3 (higher zero-shot R@1 per unit of training compute): **{v['3']}**."]
+            f"- Claim 3 (higher zero-shot R@1 per unit of training compute): **{v['3']}**.",
+            "", "Downstream (zero-shot grounding; visual entailment when run):", ""]
+  lines += downstream_report(results)
   return "\n".join(lines) + "\n"
 
 
@@ -394,6 +631,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--dvae_weights", default="", help="official dVAE encoder; '' = random")
   p.add_argument("--dvae_n_hid", type=int, default=64,
                  help="width of the random-weight dVAE (official 256; ignored with weights)")
+  p.add_argument("--downstream", default="grounding",
+                 help=f"comma-separated of {list(DOWNSTREAM)} run from each finished run's "
+                      f"checkpoint ('' = none); grounding (zero-shot, ~15 CPU s a run) by "
+                      f"default, ve (1,500 fine-tuning steps, ~350 CPU s a run) when asked")
   p.add_argument("--report_only", action="store_true")
   p.add_argument("--readme", default="", help="README to update between the claims markers")
   p.add_argument("--figures", default="", help="directory of the PNGs (default: --out)")
@@ -404,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   unknown = [a for a in arms if a not in ARMS]
   if unknown:
     p.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+  tasks = [t for t in args.downstream.split(",") if t]
+  if [t for t in tasks if t not in DOWNSTREAM]:
+    p.error(f"--downstream {args.downstream!r}: choose from {list(DOWNSTREAM)}")
   os.makedirs(args.out, exist_ok=True)
   if args.run_one:
     from run import enable_compile_cache
@@ -432,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       r = launch(args.out, arm, seed, args)
       print(f"claims: {arm} seed {seed}: test R@1 {r1(r['final'], 'test'):.1f}, "
             f"{r['process']['wall_s']:.0f} s wall, {r['process']['cpu_s']:.0f} CPU s", flush=True)
+    downstream_all(args.out, arms, seeds, tasks)
   results = load_results(args.out)
   for arm, runs in results.items():   # official weights or not, for the table's label
     for r in runs.values():

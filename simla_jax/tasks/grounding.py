@@ -20,8 +20,9 @@ val / testA / testB from the refs), in percent:
   <split>_random_acc   a uniformly random proposal (baseline; its expected accuracy)
   <split>_acc_<kind>   shapes: by expression kind (attributes / position / relation)
   <split>_coco_acc     RefCOCO+ with `coco_file`: the ground-truth COCO boxes as proposals
-  <split>_<mode><k>_acc  with `grounding.all_layers`: every BERT layer k (itm) and ViT
-                       block k (itc), all from the same pass (layer selection on val)
+  <split>_<mode><k>_acc  with `grounding.all_layers`: every BERT layer k (itm; ALBEF: its
+                       fusion layers only, the text layers have no cross-attention) and
+                       ViT block k (itc), all from the same pass (layer selection on val)
 At the end `grounding.heatmaps` test examples are drawn to <workdir>/heatmaps/.
 `config.eval_only=True` scores `init.checkpoint` without fine-tuning (`evaluate_checkpoint`).
 """
@@ -120,17 +121,18 @@ class Evaluator:
                                            train=False)
     self.threads = int(config.data.loader.num_threads)
     self.all_layers = bool(g.all_layers)
-    depths = {"itm": model.config.bert.layers, "itc": model.config.vit.depth}
+    # The layers each mode has maps of: ALBEF's itm mode only its fusion layers.
+    self.layers = {"itm": gradcam.cross_layers(model), "itc": range(model.config.vit.depth)}
+    check = {"itm": lambda i, what: gradcam.check_itm_layer(model, i, what),
+             "itc": lambda i, what: gradcam.check_layer(i, model.config.vit.depth, what)}
     # (metric prefix, mode, layer) scored; out-of-range layers fail here, before training.
-    self.heads = [("", g.mode, gradcam.check_layer(
-        g.layer if g.mode == "itm" else g.itc_block, depths[g.mode], f"grounding.{g.mode} layer"))]
+    self.heads = [("", g.mode, check[g.mode](g.layer if g.mode == "itm" else g.itc_block,
+                                             f"grounding.{g.mode} layer"))]
     if g.also_itc and g.mode != "itc":
-      self.heads.append(("itc_", "itc", gradcam.check_layer(g.itc_block, depths["itc"],
-                                                            "grounding.itc_block")))
+      self.heads.append(("itc_", "itc", check["itc"](g.itc_block, "grounding.itc_block")))
     self.modes = sorted({mode for _, mode, _ in self.heads})
     if self.all_layers:
       self.modes = list(gradcam.MODES) if g.also_itc else [g.mode]
-    self.depths = depths
     # Every layer's maps from one forward and backward per mode: (layers, b, g, g).
     self._maps = {mode: jax.jit(
         lambda p, i, t, m, mode=mode: gradcam.gradcam(mode, model, p, i, t, m, None))
@@ -142,7 +144,8 @@ class Evaluator:
     return {"model_image": image, "text_ids": ids, "text_mask": mask, "index": np.int32(k)}
 
   def maps(self, params, name: str) -> list[tuple[int, dict[str, np.ndarray]]]:
-    """(record index, {mode: every layer's Grad-CAM map (layers, g, g)}) of source `name`."""
+    """(record index, {mode: the Grad-CAM maps (len(self.layers[mode]), g, g)}) of source
+    `name`; `cam` picks one layer's."""
     out = []
     inputs = ("model_image", "text_ids", "text_mask")
     for b in finetune.batches(self.sources[name], self._prepare, self.batch_size, self.threads):
@@ -152,6 +155,10 @@ class Evaluator:
       out += [(k, {mode: m[:, j] for mode, m in per_mode.items()})
               for j, k in enumerate(b["index"].tolist())]
     return out
+
+  def cam(self, cams: Mapping[str, np.ndarray], mode: str, layer: int) -> np.ndarray:
+    """BERT layer / ViT block `layer`'s map (g, g) of one record's `maps`."""
+    return cams[mode][self.layers[mode].index(layer)]
 
   def score(self, ex: Mapping[str, Any], cam: np.ndarray, boxes_key: str = "proposals"):
     """(pick, heat map over the original image) of example `ex` and map `cam` (g, g)."""
@@ -167,7 +174,7 @@ class Evaluator:
         ex = source[index]
         split, proposals, truth = ex["split"], ex["proposals"], ex["truth"]
         for prefix, mode, layer in self.heads:
-          pick, heat = self.score(ex, cams[mode][layer])
+          pick, heat = self.score(ex, self.cam(cams, mode, layer))
           hit = proposal_accuracy(proposals, truth, pick)
           hits[f"{split}_{prefix}acc"].append(hit)
           if prefix:
@@ -175,13 +182,13 @@ class Evaluator:
           if "kind" in ex:
             hits[f"{split}_acc_{ex['kind']}"].append(hit)
           if "coco_proposals" in ex:
-            coco, _ = self.score(ex, cams[mode][layer], "coco_proposals")
+            coco, _ = self.score(ex, self.cam(cams, mode, layer), "coco_proposals")
             hits[f"{split}_coco_acc"].append(proposal_accuracy(ex["coco_proposals"], truth,
                                                                coco))
         if self.all_layers:
           for mode in self.modes:
-            for layer in range(self.depths[mode]):
-              pick, _ = self.score(ex, cams[mode][layer])
+            for layer in self.layers[mode]:
+              pick, _ = self.score(ex, self.cam(cams, mode, layer))
               hits[f"{split}_{mode}{layer}_acc"].append(proposal_accuracy(proposals, truth,
                                                                           pick))
         hits[f"{split}_largest_acc"].append(
@@ -202,7 +209,7 @@ class Evaluator:
     paths = []
     for index, cams in self.maps(params, name)[:count]:
       ex = source[index]
-      pick, heat = self.score(ex, cams[mode][layer])
+      pick, heat = self.score(ex, self.cam(cams, mode, layer))
       fig, ax = plt.subplots(figsize=(3.2, 3.6), dpi=100)
       ax.imshow(ex["image"])
       ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, heat.shape[1], heat.shape[0], 0))

@@ -75,25 +75,64 @@ def _reference_probs_and_grad(model, params, images, ids, mask, layer):
   return np.asarray(probs), np.asarray(grad)
 
 
-def test_itm_map_equals_hand_computation(tiny):
-  cfg, model, params, images, ids, mask = tiny
-  layer = 1
-  probs, grad = _reference_probs_and_grad(model, params, images, ids, mask, layer)
+def _hand_itm_map(probs, grad, mask):
+  """The itm Grad-CAM (b, N) by loops over (b, heads, L, 1+N) probabilities and grads."""
   b, h, length, keys = probs.shape
-  g = cfg.image_size // cfg.patch_size
-  expected = np.zeros((b, g * g))
+  expected = np.zeros((b, keys - 1))
   for i in range(b):
-    for n in range(g * g):
+    for n in range(keys - 1):
       total = 0.0
       for head in range(h):
         for t in range(length):   # padding rows count in the mean, with value 0
           if mask[i, t]:
             total += probs[i, head, t, 1 + n] * max(grad[i, head, t, 1 + n], 0.0)
       expected[i, n] = total / (h * length)
+  return expected
+
+
+def test_itm_map_equals_hand_computation(tiny):
+  cfg, model, params, images, ids, mask = tiny
+  layer = 1
+  probs, grad = _reference_probs_and_grad(model, params, images, ids, mask, layer)
+  expected = _hand_itm_map(probs, grad, mask)
+  b, g = len(images), cfg.image_size // cfg.patch_size
   maps = np.asarray(gradcam.itm_gradcam(model, params, images, ids, mask, layer))
   assert maps.shape == (b, g, g)
   assert np.abs(expected).max() > 0
   np.testing.assert_allclose(maps.reshape(b, -1), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_albef_itm_maps_are_its_fusion_layers_only(tiny):
+  cfg, _, _, images, ids, mask = tiny
+  albef = _tiny()
+  albef.architecture, albef.bert.fusion_start = "albef", cfg.bert.layers - 2
+  model = SIMLA(albef)
+  params = nn.meta.unbox(init_params(model, jax.random.key(1)))
+  fusion = range(cfg.bert.layers - 2, cfg.bert.layers)
+  assert gradcam.cross_layers(model) == fusion
+  every = np.asarray(gradcam.itm_gradcam(model, params, images, ids, mask, None))
+  assert every.shape[0] == len(fusion)                  # one map per fusion layer
+  for k, layer in enumerate(fusion):
+    probs, grad = _reference_probs_and_grad(model, params, images, ids, mask, layer)
+    expected = _hand_itm_map(probs, grad, mask)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(every[k].reshape(len(images), -1), expected, rtol=1e-4,
+                               atol=1e-9)
+  np.testing.assert_allclose(gradcam.itm_gradcam(model, params, images, ids, mask, -1),
+                             every[-1], rtol=1e-6)
+  with pytest.raises(ValueError, match="has no cross-attention: ALBEF's layers 0..1"):
+    gradcam.itm_gradcam(model, params, images, ids, mask, 0)
+  # Scanned, the fusion layers are a stack of their own: the same maps.
+  scan_cfg = _tiny(scan=True)
+  scan_cfg.architecture, scan_cfg.bert.fusion_start = "albef", fusion[0]
+  bert = dict(params["bert"])
+  stack = lambda names: jax.tree.map(lambda *a: np.stack(a), *[bert.pop(n) for n in names])
+  bert["encoder"] = {"layer": stack([f"layer_{i}" for i in range(fusion[0])])}
+  bert["fusion_encoder"] = {"layer": stack([f"layer_{i}" for i in fusion])}
+  stacked = convert.stack_layers({k: v for k, v in params.items() if k != "bert"}, scan_cfg)
+  np.testing.assert_allclose(
+      gradcam.itm_gradcam(SIMLA(scan_cfg), dict(stacked, bert=bert), images, ids, mask, None),
+      every, rtol=1e-4, atol=1e-8)
 
 
 def test_scanned_layers_give_the_same_maps(tiny):

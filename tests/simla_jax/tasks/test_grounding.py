@@ -28,13 +28,18 @@ def test_config_variants_and_unknown_mode():
     simla_grounding.get_config("flickr")
 
 
-def test_eval_only_scores_the_checkpoint_as_it_is(pretrained, tmp_path):
+def _eval_only_config(checkpoint: str):
   c = simla_grounding.get_config()
-  c.init.checkpoint = pretrained[0]
+  c.init.checkpoint = checkpoint
   c.data.image_size, c.data.max_len = 32, 16
   c.data.shapes.update(val_size=2, test_size=2)
   c.grounding.update(layer=-1, heatmaps=1)
   c.eval.batch_size = 8
+  return c
+
+
+def test_eval_only_scores_the_checkpoint_as_it_is(pretrained, tmp_path):
+  c = _eval_only_config(pretrained[0])
   scores = grounding.evaluate_checkpoint(c, str(tmp_path))
   rows = metrics_lib.read_metrics(str(tmp_path))
   assert rows[-1]["step"] == tiny_checkpoint.STEP
@@ -42,6 +47,20 @@ def test_eval_only_scores_the_checkpoint_as_it_is(pretrained, tmp_path):
   # Every BERT layer and ViT block of the tiny model is scored; the headline is the last.
   assert scores["val_acc"] == scores["val_itm1_acc"] and "val_itc1_acc" in scores
   assert os.listdir(tmp_path / "heatmaps") == ["test_0000.png"]
+
+
+def test_eval_only_scores_an_albef_checkpoints_fusion_layers_only(tmp_path):
+  workdir = str(tmp_path / "albef")
+  tiny_checkpoint.write_tiny_pretraining(workdir, albef=True)
+  c = _eval_only_config(workdir)
+  c.grounding.heatmaps = 0
+  scores = grounding.evaluate_checkpoint(c, str(tmp_path))
+  # BERT layer 0 is ALBEF's text encoder (no cross-attention): only fusion layer 1 is scored.
+  assert {k for k in scores if k.startswith("test_itm")} == {"test_itm1_acc"}
+  assert scores["test_acc"] == scores["test_itm1_acc"] and "test_itc1_acc" in scores
+  c.grounding.layer = 0
+  with pytest.raises(ValueError, match="layer 0 .* has no cross-attention"):
+    grounding.evaluate_checkpoint(c, str(tmp_path))
 
 
 @pytest.mark.slow

@@ -16,9 +16,14 @@ from train_jax import optimizers
 STEP = 7
 
 
-def write_tiny_pretraining(workdir: str, seed: int = 0):
-  """The state `simla_jax.train` initialises for configs/simla.py:tiny, saved at step 7."""
+def write_tiny_pretraining(workdir: str, seed: int = 0, albef: bool = False):
+  """The state `simla_jax.train` initialises for configs/simla.py:tiny, saved at step 7;
+  `albef`: its ALBEF layout (1 text + 1 fusion layer, ITC / ITM / MLM)."""
   cfg = simla_config.get_config("tiny")
+  if albef:
+    cfg.model.architecture = "albef"
+    cfg.model.bert.fusion_start = -1
+    cfg.loss_weights.update(mim=0.0, psl=0.0)
   tokenizer = pipeline.make_tokenizer(cfg.data)
   targeter = mim_targets.MimTargeter(cfg.data.mim)
   model = SIMLA(simla_train.resolve_model_config(cfg, tokenizer, targeter))
