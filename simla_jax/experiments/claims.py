@@ -283,20 +283,21 @@ DOWNSTREAM = {"grounding": "grounding0shot.json", "ve": "ve.json"}   # cached in
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def downstream_dir(out: str, arm: str, seed: int) -> str:
-  """The fine-tuning workdirs of one run (kept apart from the run dir, which only gains
-  the cached result files)."""
-  return os.path.join(out, "downstream", arm, f"seed{seed}")
+def downstream_dir(out: str, arm: str, seed: int, root: str = "") -> str:
+  """The fine-tuning workdirs of one run, under `root` (default <out>/downstream): kept
+  apart from the run dir, which only gains the cached result files."""
+  return os.path.join(root or os.path.join(out, "downstream"), arm, f"seed{seed}")
 
 
-def init_workdir(out: str, arm: str, seed: int, result: Mapping[str, Any]) -> str:
+def init_workdir(out: str, arm: str, seed: int, result: Mapping[str, Any],
+                 root: str = "") -> str:
   """A pretraining workdir the fine-tuning configs read as `init.checkpoint`: the run dir
   when it has a config.json (`run_one` writes one), else <downstream>/init holding the run's
   config (`arm_config`: the same network) and a link to the run's checkpoints."""
   rd = run_dir(out, arm, seed)
   if os.path.exists(os.path.join(rd, "config.json")):
     return rd
-  init = os.path.join(downstream_dir(out, arm, seed), "init")
+  init = os.path.join(downstream_dir(out, arm, seed, root), "init")
   os.makedirs(init, exist_ok=True)
   with open(os.path.join(init, "config.json"), "w") as f:
     f.write(arm_config(arm, seed, steps=int(result["steps"]),
@@ -360,20 +361,21 @@ def ve_summary(rows: Sequence[Mapping[str, Any]]) -> dict:
               test_majority_acc=metrics.get("test_majority_acc", math.nan), metrics=metrics)
 
 
-def run_downstream(out: str, arm: str, seed: int, task: str, result: Mapping[str, Any]) -> dict:
-  """Task `task` from the checkpoint of a finished run, in a subprocess; its summary is
-  cached in <run dir>/<DOWNSTREAM[task]> (returned as is when present; an interrupted VE
-  run resumes from its workdir's checkpoint)."""
+def run_downstream(out: str, arm: str, seed: int, task: str, result: Mapping[str, Any],
+                   root: str = "") -> dict:
+  """Task `task` from the checkpoint of a finished run, in a subprocess (workdir under
+  `downstream_dir`); its summary is cached in <run dir>/<DOWNSTREAM[task]> (returned as is
+  when present; an interrupted VE run resumes from its workdir's checkpoint)."""
   path = os.path.join(run_dir(out, arm, seed), DOWNSTREAM[task])
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  init = init_workdir(out, arm, seed, result)
-  workdir = os.path.join(downstream_dir(out, arm, seed), task)
+  init = init_workdir(out, arm, seed, result, root)
+  workdir = os.path.join(downstream_dir(out, arm, seed, root), task)
   os.makedirs(workdir, exist_ok=True)
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
-  log = os.path.join(downstream_dir(out, arm, seed), f"{task}.log")
+  log = os.path.join(downstream_dir(out, arm, seed, root), f"{task}.log")
   with open(log, "a") as f:
     code = subprocess.call(downstream_command(task, init, workdir), stdout=f,
                            stderr=subprocess.STDOUT, cwd=REPO)
@@ -399,8 +401,9 @@ def run_downstream(out: str, arm: str, seed: int, task: str, result: Mapping[str
 
 
 def downstream_all(out: str, arms: Sequence[str], seeds: Sequence[int],
-                   tasks: Sequence[str]) -> None:
-  """`run_downstream` of every task for the finished runs of the request, one at a time."""
+                   tasks: Sequence[str], root: str = "") -> None:
+  """`run_downstream` of every task for the finished runs of the request, one at a time
+  (workdirs under `root`, default <out>/downstream)."""
   unknown = [t for t in tasks if t not in DOWNSTREAM]
   if unknown:
     raise ValueError(f"claims: unknown downstream tasks {unknown}; choose from "
@@ -416,7 +419,7 @@ def downstream_all(out: str, arms: Sequence[str], seeds: Sequence[int],
         if os.path.exists(os.path.join(run_dir(out, arm, seed), DOWNSTREAM[task])):
           continue
         print(f"claims: {task} of {arm} seed {seed} ...", flush=True)
-        d = run_downstream(out, arm, seed, task, result)
+        d = run_downstream(out, arm, seed, task, result, root)
         acc = (f"itm layer {d['itm']['layer']} test {d['itm']['test_acc']:.1f} %, itc block "
                f"{d['itc']['layer']} test {d['itc']['test_acc']:.1f} %" if task == "grounding"
                else f"test {d['test_acc']:.1f} %")
@@ -635,6 +638,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  help=f"comma-separated of {list(DOWNSTREAM)} run from each finished run's "
                       f"checkpoint ('' = none); grounding (zero-shot, ~15 CPU s a run) by "
                       f"default, ve (1,500 fine-tuning steps, ~350 CPU s a run) when asked")
+  p.add_argument("--downstream_dir", default="",
+                 help="workdirs of the downstream runs (default <out>/downstream)")
   p.add_argument("--report_only", action="store_true")
   p.add_argument("--readme", default="", help="README to update between the claims markers")
   p.add_argument("--figures", default="", help="directory of the PNGs (default: --out)")
@@ -676,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       r = launch(args.out, arm, seed, args)
       print(f"claims: {arm} seed {seed}: test R@1 {r1(r['final'], 'test'):.1f}, "
             f"{r['process']['wall_s']:.0f} s wall, {r['process']['cpu_s']:.0f} CPU s", flush=True)
-    downstream_all(args.out, arms, seeds, tasks)
+    downstream_all(args.out, arms, seeds, tasks, args.downstream_dir)
   results = load_results(args.out)
   for arm, runs in results.items():   # official weights or not, for the table's label
     for r in runs.values():

@@ -80,7 +80,7 @@ def test_main_launches_only_pending_runs(tmp_path, monkeypatch):
     _write(out, arm, seed, result)
     return result
 
-  def fake_downstream(out, arm, seed, task, result):
+  def fake_downstream(out, arm, seed, task, result, root):
     downstream.append((arm, seed, task))
     summary = _grounding(2, 40.0, 2, 45.0)
     _write_downstream(out, arm, seed, "grounding", summary)
