@@ -4,6 +4,7 @@
   python -m simla_jax.experiments.claims --arms=simla,albef --seeds=0   # a part of it
   python -m simla_jax.experiments.claims --report_only              # table + PNGs only
   python -m simla_jax.experiments.claims --downstream=grounding,ve  # + entailment per run
+  python -m simla_jax.experiments.claims --downstream_only          # finished runs only
 
 Each (arm, seed) trains `configs/simla.py` (`:albef` for ALBEF) with the arm's changes in a
 subprocess, into <out>/<arm>/seed<k>. A run whose result.json exists is skipped; an
@@ -641,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--downstream_dir", default="",
                  help="workdirs of the downstream runs (default <out>/downstream)")
   p.add_argument("--report_only", action="store_true")
+  p.add_argument("--downstream_only", action="store_true",
+                 help="no training: the downstream tasks of the finished runs, then the report")
   p.add_argument("--readme", default="", help="README to update between the claims markers")
   p.add_argument("--figures", default="", help="directory of the PNGs (default: --out)")
   p.add_argument("--run_one", default="", help=argparse.SUPPRESS)
@@ -661,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_one(args.run_one, seeds[0], args.out, steps=args.steps, evals=args.evals,
             dvae_weights=args.dvae_weights, dvae_n_hid=args.dvae_n_hid)
     return
-  if not args.report_only:
+  if not (args.report_only or args.downstream_only):
     if args.dvae_weights:          # official weights: the official width
       args.dvae_n_hid = 0
     elif "dvae" in arms:
@@ -681,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       r = launch(args.out, arm, seed, args)
       print(f"claims: {arm} seed {seed}: test R@1 {r1(r['final'], 'test'):.1f}, "
             f"{r['process']['wall_s']:.0f} s wall, {r['process']['cpu_s']:.0f} CPU s", flush=True)
+  if not args.report_only:
     downstream_all(args.out, arms, seeds, tasks, args.downstream_dir)
   results = load_results(args.out)
   for arm, runs in results.items():   # official weights or not, for the table's label

@@ -95,6 +95,10 @@ def test_main_launches_only_pending_runs(tmp_path, monkeypatch):
   claims.main([f"--out={tmp_path}", "--arms=simla,albef", "--seeds=0,1"])
   assert len(launched) == 3 and len(downstream) == 4              # nothing left to run
   assert (tmp_path / "claims.md").exists() and (tmp_path / "compute.png").exists()
+  # --downstream_only trains nothing (seed 2 has no run) and grounds what finished.
+  _write(tmp_path, "itm", 0, _result("itm", 0, 5.0))
+  claims.main([f"--out={tmp_path}", "--arms=itm,simla", "--seeds=0,2", "--downstream_only"])
+  assert len(launched) == 3 and downstream[-1] == ("itm", 0, "grounding")
   with pytest.raises(SystemExit):
     claims.main([f"--out={tmp_path}", "--downstream=grounding,vqa"])
 
