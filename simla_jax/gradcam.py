@@ -12,9 +12,9 @@ probabilities (b, heads, L, 1+N) of BERT layer `layer`; with the [CLS] image col
 dropped, Grad-CAM = probs * clamp(grad, 0), padding text rows zeroed, then the mean
 over heads and over all L text rows (padding counted in the denominator), on the patch
 grid (ALBEF, `model.architecture="albef"`: only its fusion layers, `cross_layers`, have
-cross-attention and maps). `itc`: the ITC similarity image . text / temp differentiated with respect to the
-ViT self-attention of block `block`; its [CLS] row to the patches, probs * clamp(grad,
-0), mean over heads.
+cross-attention and maps). `itc`: the ITC similarity image . text / temp differentiated
+with respect to the ViT self-attention of block `block`; its [CLS] row to the patches,
+probs * clamp(grad, 0), mean over heads.
 
 The probabilities and their gradients come from the models' attention hook
 (`layers.Attention(hook=True)`): every hooked attention sows its probabilities into
@@ -93,8 +93,8 @@ def _zero_perturbations(fn, params, *args) -> Any:
 
 
 def _probs_and_grads(apply, params, unrolled_scanned, indices, *args):
-  """(probs, d score.sum() / d probs) of every hooked layer, (depth, b, heads, q, k) each;
-  `apply(variables, *args, mutable)` returns (per-example score (b,), state)."""
+  """(probs, d score.sum() / d probs) of hooked layers `indices`, (len(indices), b, heads,
+  q, k) each; `apply(variables, *args, mutable)` returns (per-example score (b,), state)."""
   zeros = _zero_perturbations(apply, params, *args)
 
   def total(pert):

@@ -518,7 +518,8 @@ def downstream_value(task: str, key: str):
 DOWNSTREAM_HEADER = ["arm", "grounding seeds", "grounding ITM test acc",
                      "ITM layer (val-chosen, per seed)", "Δ ITM vs SIMLA (paired)",
                      "grounding ITC test acc", "ITC block (val-chosen, per seed)",
-                     "Δ ITC vs SIMLA (paired)", "VE seeds", "VE test acc", "Δ VE vs SIMLA (paired)"]
+                     "Δ ITC vs SIMLA (paired)", "VE seeds", "VE test acc",
+                     "Δ VE vs SIMLA (paired)"]
 
 
 def _downstream_row(arm: str, runs: Mapping[int, dict], ref: Mapping[int, dict] | None):
