@@ -350,13 +350,18 @@ def grounding_summary(metrics: Mapping[str, float], step: int) -> dict:
               test_random_acc=float(metrics["test_random_acc"]), metrics=dict(metrics))
 
 
+def eval_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+  """The evaluation entries of a metrics.jsonl row, without their "eval/" prefix."""
+  return {k.removeprefix("eval/"): float(v) for k, v in row.items() if k.startswith("eval/")}
+
+
 def ve_summary(rows: Sequence[Mapping[str, Any]]) -> dict:
   """ve.json: accuracy at the last step (the test split is scored there only)."""
   final = [r for r in rows if "eval/test_acc" in r]
   if not final:
     raise ValueError("claims: the VE run has no eval/test_acc (did it reach total_steps?)")
   last = final[-1]
-  metrics = {k.removeprefix("eval/"): float(v) for k, v in last.items() if k.startswith("eval/")}
+  metrics = eval_metrics(last)
   return dict(step=int(last["step"]), test_acc=metrics["test_acc"],
               val_acc=metrics.get("val_acc", math.nan),
               test_majority_acc=metrics.get("test_majority_acc", math.nan), metrics=metrics)
@@ -387,8 +392,7 @@ def run_downstream(out: str, arm: str, seed: int, task: str, result: Mapping[str
   rows = metrics_lib.read_metrics(workdir)
   if task == "grounding":
     last = [r for r in rows if any(k.startswith("eval/") for k in r)][-1]
-    summary = grounding_summary({k.removeprefix("eval/"): float(v) for k, v in last.items()
-                                 if k.startswith("eval/")}, last["step"])
+    summary = grounding_summary(eval_metrics(last), last["step"])
   else:
     summary = ve_summary(rows)
   summary["process"] = dict(
