@@ -22,10 +22,10 @@ class MetricWriter:
     """Drops lines past `step`: a resumed run rewrites them identically."""
     if not (self._is_main and os.path.exists(self.path)):
       return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    # A run killed mid-write leaves a torn last line; resuming drops it with the rest.
+    rows = read_jsonl(self.path, torn_tail_ok=True)
     with open(self.path, "w") as f:
-      f.writelines(keep)
+      f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._is_main:
@@ -44,6 +44,23 @@ class MetricWriter:
       self._tb.close()
 
 
+def read_jsonl(path: str, torn_tail_ok: bool = False) -> list[dict]:
+  """The objects of a JSON-lines file; a malformed line raises naming the file and line.
+
+  torn_tail_ok: a malformed *last* line (a writer killed mid-line) is dropped instead.
+  """
+  with open(path) as f:
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for i, line in lines:
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if torn_tail_ok and i == lines[-1][0]:
+        break
+      raise ValueError(f"{path}, line {i}: not a JSON object ({e.msg})") from None
+  return rows
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))

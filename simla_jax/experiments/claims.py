@@ -63,6 +63,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from simla_jax.experiments import stats
+from train_jax import metrics as metrics_lib
 from train_jax import readme_section
 
 LOSSES = ("itc", "itm", "mlm", "mim", "psl")
@@ -162,13 +163,6 @@ class _Clock:
     self._t = (time.monotonic(), time.process_time())
 
 
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def run_one(arm: str, seed: int, out: str, *, steps: int = 0, evals: int = EVALS,
             dvae_weights: str = "", dvae_n_hid: int = 0) -> dict:
   """Trains one (arm, seed) into <out>/<arm>/seed<seed>, writes its result.json."""
@@ -190,7 +184,8 @@ def run_one(arm: str, seed: int, out: str, *, steps: int = 0, evals: int = EVALS
   with open(flops_path) as f:
     flops = json.load(f)["flops_per_step"]
   curve_path = os.path.join(workdir, "curve.jsonl")
-  done = read_jsonl(curve_path)
+  done = (metrics_lib.read_jsonl(curve_path, torn_tail_ok=True)
+          if os.path.exists(curve_path) else [])
   clock = _Clock(done[-1]["train_wall_s"] if done else 0.0,
                  done[-1]["train_cpu_s"] if done else 0.0)
 
@@ -212,7 +207,8 @@ def run_one(arm: str, seed: int, out: str, *, steps: int = 0, evals: int = EVALS
 
   loop.train_and_evaluate(config, workdir, make_task)
   # A run stopped between an evaluation and its checkpoint evaluates that step again.
-  curve = sorted({p["step"]: p for p in read_jsonl(curve_path)}.values(), key=lambda p: p["step"])
+  by_step = {p["step"]: p for p in metrics_lib.read_jsonl(curve_path)}
+  curve = [by_step[s] for s in sorted(by_step)]
   result = dict(arm=arm, seed=seed, steps=int(config.total_steps), flops_per_step=flops,
                 final={k: v for k, v in curve[-1].items()}, curve=curve,
                 mim_target=config.data.mim.target,
@@ -388,7 +384,6 @@ def run_downstream(out: str, arm: str, seed: int, task: str, result: Mapping[str
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if code:
     raise RuntimeError(f"claims: {task} of {arm} seed {seed} failed (exit {code}); see {log}")
-  from train_jax import metrics as metrics_lib
   rows = metrics_lib.read_metrics(workdir)
   if task == "grounding":
     last = [r for r in rows if any(k.startswith("eval/") for k in r)][-1]
