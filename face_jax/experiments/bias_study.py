@@ -225,6 +225,12 @@ def gate(results) -> dict:
   return out
 
 
+def sample_std(v) -> float:
+  """std over seeds with n - 1 (as the verdict's standard error); 0 for one seed."""
+  v = np.asarray(v, dtype=float)
+  return float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
 def verdict(results, gates) -> str:
   if not any(p for p, _ in gates.values()):
     return ("NO VERDICT: no hand-set margin moved the worst group by >= "
@@ -233,7 +239,7 @@ def verdict(results, gates) -> str:
   d = np.array(list(paired(results, "mvcom").values()))
   if len(d) < VERDICT_SEEDS:
     return f"NO VERDICT YET: MvCoM and CosFace paired on {len(d)} seeds (< {VERDICT_SEEDS})"
-  mean, se = d.mean(), d.std(ddof=1) / np.sqrt(len(d))
+  mean, se = d.mean(), sample_std(d) / np.sqrt(len(d))
   if mean - 2 * se > 0:
     word = "consistent with the paper (worst group up)"
   elif mean + 2 * se < 1.0:
@@ -255,9 +261,9 @@ def table(results: list[dict]) -> str:
     cells = []
     for c in cols:
       v = 100 * np.array([r["scores"].get(c, np.nan) for r in rs])
-      cells.append(f"{v.mean():6.2f}±{v.std():4.2f}".rjust(13))
+      cells.append(f"{v.mean():6.2f}±{sample_std(v):4.2f}".rjust(13))
     d = np.array(list(paired(results, arm).values())) if arm != "cosface" else np.array([])
-    diff = f"{d.mean():+6.2f}±{d.std():4.2f}" if len(d) else ""
+    diff = f"{d.mean():+6.2f}±{sample_std(d):4.2f}" if len(d) else ""
     cpu = np.mean([r.get("cpu_s", np.nan) for r in rs])
     lines.append(f"{arm} (n={len(rs)})".ljust(30) + "".join(cells) + diff.rjust(17)
                  + f"{cpu:9.0f}".rjust(11))
@@ -311,7 +317,7 @@ def plots(results: list[dict], gates: dict, out_dir: str) -> list[str]:
   width = 0.8 / len(groups)
   for gi, g in enumerate(groups):
     means = [100 * np.mean([r["scores"][g] for r in results if r["arm"] == a]) for a in arms]
-    stds = [100 * np.std([r["scores"][g] for r in results if r["arm"] == a]) for a in arms]
+    stds = [100 * sample_std([r["scores"][g] for r in results if r["arm"] == a]) for a in arms]
     ax.bar(np.arange(len(arms)) + gi * width, means, width, yerr=stds, label=g[4:])
   ax.set_xticks(np.arange(len(arms)) + 0.4 - width / 2, arms, rotation=30, ha="right", fontsize=8)
   lo = min(100 * r["scores"]["acc_worst_group"] for r in results)
@@ -357,7 +363,7 @@ def report(results: list[dict], out_dir: str = "", rule: bool = True) -> str:
   gates = gate(results)
   lines = [__doc__[__doc__.index("Reading rule"):].strip(), ""] if rule else []
   steps = sorted({r["steps"] for r in results})
-  lines.append(f"{'/'.join(map(str, steps))} steps per run, accuracy in % (mean ± std over seeds); "
+  lines.append(f"{'/'.join(map(str, steps))} steps per run, accuracy in % (mean ± std over seeds, n - 1); "
                "worst-CosFace: paired by seed")
   lines.append(table(results))
   grid = grid_table(results)

@@ -86,6 +86,17 @@ def test_report_writes_table_and_figures(tmp_path):
     assert (tmp_path / name).stat().st_size > 0
 
 
+def test_table_spreads_are_sample_std_like_the_verdict():
+  worst = (0.80, 0.82, 0.78)
+  paired = (0.01, -0.02, 0.04)
+  results = ([_result("cosface", s, w) for s, w in enumerate(worst)]
+             + [_result("mvcom", s, w + d) for s, (w, d) in enumerate(zip(worst, paired))])
+  row = next(line for line in bias_study.table(results).splitlines() if line.startswith("mvcom"))
+  # worst column: 100 * (0.81, 0.80, 0.82); paired: 100 * paired, both with n - 1
+  assert f"{81.00:6.2f}±{np.std([81, 80, 82], ddof=1):4.2f}" in row
+  assert f"{1.00:+6.2f}±{np.std([1, -2, 4], ddof=1):4.2f}" in row
+
+
 def test_run_arm_trains_and_records_history():
   from face_tiny import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config("cosface")
