@@ -265,7 +265,7 @@ def _nuisance_world(c: ml_collections.ConfigDict) -> None:
   seeds 0-4), the one setting probed: CosFace 96.0 / 87.6 / 71.8 per group, minority margin
   +0.15 / +0.3 moved the worst group by +1.2, -0.15 / -0.3 by -2.0. The study's world: on
   seeds 0-4 minority margins 0 / -0.35 lower the worst group by 2.1-5.7 points (the gate
-  passes), minority +0.15 / +0.3 moves it by -0.8…+0.8 (README, MvCoM study).
+  passes), minority +0.15 / +0.3 moves it by -0.8…+1.2 (README, MvCoM study).
   """
   _tight_world(c)
   c.data.update(nuisance_dim=16, nuisance_scale=0.5)

@@ -340,19 +340,34 @@ def plots(results: list[dict], gates: dict, out_dir: str) -> list[str]:
     runs = [r for r in results if r["seed"] == seed0 and r["history"] and keys(r, prefix)]
     if not runs:
       continue
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for ri, r in enumerate(runs):
+    # One panel per arm (shared axes), one colour per group / factor across panels.
+    names = sorted({k for r in runs for k in keys(r, prefix)})
+    label = (lambda k: f"group {k[len(prefix):]}") if prefix == "margin_met_group" else (
+        lambda k: k[len(prefix):])
+    cols = min(4, len(runs))
+    rows = -(-len(runs) // cols)
+    height = 2.2 * rows + 0.8
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, height), sharex=True,
+                             sharey=True, squeeze=False)
+    for ax, r in zip(axes.flat, runs):
       steps = [h["step"] for h in r["history"]]
-      for ki, k in enumerate(keys(r, prefix)):
-        ax.plot(steps, [h.get(k, np.nan) for h in r["history"]], color=f"C{ri % 10}",
-                ls=["-", "--", ":", "-."][ki % 4],
-                label=f"{r['arm']} {k[len(prefix):]}", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("fraction meeting the margin" if prefix.startswith("margin_met") else "margin offset")
-    ax.set_title(f"seed {runs[0]['seed']}: " + ("margin binding per group" if prefix.startswith("margin_met")
-                                                 else "learned margins"))
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+      for k in keys(r, prefix):
+        ax.plot(steps, [h.get(k, np.nan) for h in r["history"]], lw=1,
+                color=f"C{names.index(k) % 10}")
+      ax.axhline(0, color="k", lw=0.4)
+      ax.set_title(r["arm"], fontsize=8)
+      ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(runs):]:
+      ax.axis("off")
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", label=label(k))
+               for i, k in enumerate(names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 8), fontsize=7)
+    fig.supxlabel("step", fontsize=8, y=0.4 / height)
+    fig.supylabel("fraction meeting the margin" if prefix.startswith("margin_met")
+                  else "margin offset", fontsize=8)
+    fig.suptitle(f"seed {seed0}: " + ("margin binding per group" if prefix.startswith("margin_met")
+                                       else "learned margins (MvCoM arms)"), fontsize=9)
+    fig.tight_layout(rect=(0, 0.55 / height, 1, 1))
     written.append(os.path.join(out_dir, name))
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
