@@ -24,8 +24,7 @@ class MetricWriter:
       return
     # A run killed mid-write leaves a torn last line; resuming drops it with the rest.
     rows = read_jsonl(self.path, torn_tail_ok=True)
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+    write_jsonl(self.path, [r for r in rows if r["step"] <= step])
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._is_main:
@@ -60,6 +59,12 @@ def read_jsonl(path: str, torn_tail_ok: bool = False) -> list[dict]:
         break
       raise ValueError(f"{path}, line {i}: not a JSON object ({e.msg})") from None
   return rows
+
+
+def write_jsonl(path: str, rows) -> None:
+  """Rewrites `path` with one JSON object per line (what read_jsonl reads back)."""
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def read_metrics(workdir: str) -> list[dict]:

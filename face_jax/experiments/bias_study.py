@@ -341,9 +341,8 @@ def plots(results: list[dict], gates: dict, out_dir: str) -> list[str]:
     if not runs:
       continue
     # One panel per arm (shared axes), one colour per group / factor across panels.
+    binding = prefix == "margin_met_group"
     names = sorted({k for r in runs for k in keys(r, prefix)})
-    label = (lambda k: f"group {k[len(prefix):]}") if prefix == "margin_met_group" else (
-        lambda k: k[len(prefix):])
     cols = min(4, len(runs))
     rows = -(-len(runs) // cols)
     height = 2.2 * rows + 0.8
@@ -359,13 +358,13 @@ def plots(results: list[dict], gates: dict, out_dir: str) -> list[str]:
       ax.tick_params(labelsize=7)
     for ax in axes.flat[len(runs):]:
       ax.axis("off")
-    handles = [plt.Line2D([], [], color=f"C{i % 10}", label=label(k))
+    handles = [plt.Line2D([], [], color=f"C{i % 10}",
+                          label=("group " if binding else "") + k[len(prefix):])
                for i, k in enumerate(names)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 8), fontsize=7)
     fig.supxlabel("step", fontsize=8, y=0.4 / height)
-    fig.supylabel("fraction meeting the margin" if prefix.startswith("margin_met")
-                  else "margin offset", fontsize=8)
-    fig.suptitle(f"seed {seed0}: " + ("margin binding per group" if prefix.startswith("margin_met")
+    fig.supylabel("fraction meeting the margin" if binding else "margin offset", fontsize=8)
+    fig.suptitle(f"seed {seed0}: " + ("margin binding per group" if binding
                                        else "learned margins (MvCoM arms)"), fontsize=9)
     fig.tight_layout(rect=(0, 0.55 / height, 1, 1))
     written.append(os.path.join(out_dir, name))

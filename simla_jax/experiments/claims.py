@@ -184,8 +184,12 @@ def run_one(arm: str, seed: int, out: str, *, steps: int = 0, evals: int = EVALS
   with open(flops_path) as f:
     flops = json.load(f)["flops_per_step"]
   curve_path = os.path.join(workdir, "curve.jsonl")
-  done = (metrics_lib.read_jsonl(curve_path, torn_tail_ok=True)
-          if os.path.exists(curve_path) else [])
+  done = []
+  if os.path.exists(curve_path):
+    # Rewritten without a torn last line (a run killed mid-write), which the next
+    # evaluation's append would otherwise fuse with its own line.
+    done = metrics_lib.read_jsonl(curve_path, torn_tail_ok=True)
+    metrics_lib.write_jsonl(curve_path, done)
   clock = _Clock(done[-1]["train_wall_s"] if done else 0.0,
                  done[-1]["train_cpu_s"] if done else 0.0)
 
